@@ -1,0 +1,40 @@
+"""What every segmentation model in diga-fast is: RGB in [0, 1] in, (logits, feature) out.
+
+Input normalisation lives inside the model, so exported graphs take plain RGB images. ``logits``
+[B, K, h, w] and ``feature`` [B, D, h, w] are at the network's output stride; the feature is the
+D-dimensional tensor the classifier reads (the one centroids are computed on). Losses upsample the
+logits to label size themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+class SegmentationModel(nn.Module):
+    arch: str = ""
+    num_classes: int
+    feature_dim: int
+    output_stride: int
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.pixel_mean) / self.pixel_std
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable parameters that run at the base learning rate."""
+        raise NotImplementedError
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable parameters that run at ``head_lr_mult`` x the base learning rate."""
+        raise NotImplementedError
