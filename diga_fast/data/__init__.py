@@ -1,0 +1,83 @@
+"""Datasets named ``KIND:ROOT`` on the command line: ``synthetic`` (the built-in pair, no root),
+``gta5:ROOT``, ``synthia:ROOT``, ``cityscapes:ROOT``.
+
+``synthetic`` takes its domain from the role it plays (``--source synthetic`` is the rendered look,
+``--target synthetic`` the photo-like look); ``synthetic:source`` / ``synthetic:target`` name the
+domain explicitly, e.g. ``diga train source --source synthetic:target`` trains the oracle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from diga_fast.data.labels import LabelSpace
+from diga_fast.errors import DigaError
+
+DATASET_KINDS = ("synthetic", "gta5", "synthia", "cityscapes")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    kind: str
+    root: str | None
+
+    def __str__(self) -> str:
+        return self.kind if self.root is None else f"{self.kind}:{self.root}"
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.kind == "synthetic"
+
+
+def parse_dataset_spec(text: str) -> DatasetSpec:
+    kind, sep, root = text.partition(":")
+    kind = kind.strip().lower()
+    if kind not in DATASET_KINDS:
+        raise DigaError(f"unknown dataset {text!r}; use synthetic, gta5:ROOT, synthia:ROOT or cityscapes:ROOT")
+    if kind == "synthetic":
+        if sep and root not in ("source", "target"):
+            raise DigaError(f"dataset {text!r}: the built-in pair takes no root (synthetic, synthetic:source or synthetic:target)")
+        return DatasetSpec(kind, root or None)
+    if not root:
+        raise DigaError(f"dataset {text!r} needs a folder: {kind}:ROOT")
+    if not Path(root).is_dir():
+        raise DigaError(f"dataset folder not found: {root}")
+    return DatasetSpec(kind, root)
+
+
+def build_dataset(
+    spec: str | DatasetSpec,
+    *,
+    role: str,
+    split: str,
+    label_space: LabelSpace,
+    transform=None,
+    with_labels: bool = True,
+    synthetic_images: int = 1000,
+    seed: int = 0,
+) -> Dataset:
+    """The dataset ``spec`` names, for ``role`` ("source" or "target") and ``split`` ("train"/"val")."""
+    spec = parse_dataset_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "synthetic":
+        from diga_fast.data.synthetic import SyntheticDomain
+
+        return SyntheticDomain(
+            domain=spec.root or role,
+            split=split,
+            num_images=synthetic_images,
+            seed=seed,
+            transform=transform,
+            with_labels=with_labels,
+        )
+    from diga_fast.data import datasets
+
+    if spec.kind == "gta5":
+        return datasets.GTA5(spec.root, label_space=label_space, transform=transform, with_labels=with_labels)
+    if spec.kind == "synthia":
+        return datasets.Synthia(spec.root, label_space=label_space, transform=transform, with_labels=with_labels)
+    return datasets.Cityscapes(
+        spec.root, split=split, label_space=label_space, transform=transform, with_labels=with_labels
+    )

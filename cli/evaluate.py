@@ -1,0 +1,96 @@
+"""``diga eval`` and ``diga predict``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from diga_fast.errors import DigaError
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise DigaError(f"--scales {text!r}: expected comma-separated numbers such as 1.0,0.5") from None
+    if not scales or any(not 0.0 < s <= 4.0 for s in scales):
+        raise DigaError(f"--scales {text!r}: each scale must lie in (0, 4]")
+    return scales
+
+
+def _write_json(path: str, data: dict) -> None:
+    from diga_fast.engine.checkpoint import atomic_write
+
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise DigaError(f"--json: folder {target.parent} does not exist")
+    atomic_write(target, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+@click.command("eval")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Run folder or .safetensors file to evaluate.")
+@click.option("--pred-dir", type=click.Path(), default=None, help="Folder of label-id prediction PNGs (matched by city_seq_frame).")
+@click.option("--target", default="synthetic", show_default=True, help="Labelled data: synthetic, cityscapes:ROOT, gta5:ROOT, synthia:ROOT.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
+@click.option("--scales", default="1.0", show_default=True, help="Inference scales; logits are max-combined (official: 1.0,0.5).")
+@click.option("--label-space", default=None, help="cityscapes19 or synthia16 [default: the checkpoint's; cityscapes19 for --pred-dir].")
+@click.option("--synthetic-images", type=click.IntRange(min=1), default=100, show_default=True, help="Images of the built-in pair's split.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write {miou, iou, num_classes} here.")
+def eval_command(checkpoint, pred_dir, target, split, scales, label_space, synthetic_images, max_images, device, json_path) -> None:
+    """mIoU of a checkpoint (or of prediction PNGs) on a labelled split, from one confusion matrix."""
+    from diga_fast.data import build_dataset, parse_dataset_spec
+    from diga_fast.data.labels import get_label_space
+    from diga_fast.engine.checkpoint import load_model
+    from diga_fast.engine.inference import evaluate_model, evaluate_prediction_folder
+    from diga_fast.engine.training import resolve_device
+    from diga_fast.evaluate import iou_table
+
+    if (checkpoint is None) == (pred_dir is None):
+        raise DigaError("give exactly one of --checkpoint or --pred-dir")
+    spec = parse_dataset_spec(target)
+    if pred_dir is not None:
+        if spec.kind != "cityscapes":
+            raise DigaError("--pred-dir evaluates against Cityscapes ground truth: --target cityscapes:ROOT")
+        space = get_label_space(label_space or "cityscapes19")
+        dataset = build_dataset(spec, role="target", split=split, label_space=space)
+        summary = evaluate_prediction_folder(pred_dir, dataset, space)
+        title = f"{pred_dir} on {target} {split}"
+    else:
+        dev = resolve_device(device)
+        model, meta = load_model(checkpoint)
+        space = get_label_space(label_space or meta["label_space"])
+        if space.num_classes != model.num_classes:
+            raise DigaError(f"--label-space {space.name} has {space.num_classes} classes, the checkpoint predicts {model.num_classes}")
+        dataset = build_dataset(spec, role="target", split=split, label_space=space, synthetic_images=synthetic_images)
+        summary = evaluate_model(model.to(dev), dataset, space, dev, scales=parse_scales(scales), max_images=max_images)
+        title = f"{checkpoint} on {target} {split}"
+    Console().print(iou_table(summary, title=title))
+    if json_path:
+        _write_json(json_path, {"miou": summary["miou"], "iou": summary["iou"], "num_classes": summary["num_classes"]})
+
+
+@click.command("predict")
+@click.option("--checkpoint", type=click.Path(), required=True, help="Run folder or .safetensors file.")
+@click.option("--images", "images_dir", type=click.Path(), required=True, help="Folder of images (searched recursively).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder (sub-folders are kept).")
+@click.option("--scales", default="1.0", show_default=True, help="Inference scales; logits are max-combined.")
+@click.option("--overlay", is_flag=True, help="Also write NAME_overlay.png (image blended with the colour map).")
+@click.option("--device", default="auto", show_default=True)
+def predict(checkpoint, images_dir, out, scales, overlay, device) -> None:
+    """Segment every image under --images: NAME_labelIds.png (Cityscapes label ids) and NAME_color.png."""
+    from diga_fast.data.labels import get_label_space
+    from diga_fast.engine.checkpoint import load_model
+    from diga_fast.engine.inference import predict_folder
+    from diga_fast.engine.training import resolve_device
+
+    dev = resolve_device(device)
+    scale_values = parse_scales(scales)
+    model, meta = load_model(checkpoint)
+    out_dir = Path(out)
+    count = predict_folder(model.to(dev), images_dir, out_dir, get_label_space(meta["label_space"]), dev, scale_values, overlay)
+    click.echo(f"wrote predictions for {count} images to {out_dir}")

@@ -1,0 +1,56 @@
+"""The ``diga`` command. Every user mistake ends as one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from diga_fast.errors import DigaError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="diga-fast", prog_name="diga")
+def cli() -> None:
+    """diga-fast: DiGA domain-adaptive semantic segmentation (synthetic -> real)."""
+
+
+def _register() -> None:
+    from diga_fast.cli.bench import bench
+    from diga_fast.cli.data import data
+    from diga_fast.cli.demo import demo
+    from diga_fast.cli.evaluate import eval_command, predict
+    from diga_fast.cli.train import train
+
+    for command in (train, eval_command, predict, data, demo, bench):
+        cli.add_command(command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="diga", standalone_mode=False)
+    except click.exceptions.Exit as stop:
+        sys.exit(stop.exit_code)
+    except click.exceptions.Abort:
+        click.echo("diga: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as err:
+        where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        click.echo(f"diga: error: {err.format_message()}{where}", err=True)
+        sys.exit(2)
+    except click.ClickException as err:
+        click.echo(f"diga: error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code or 1)
+    except DigaError as err:
+        click.echo(f"diga: error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("diga: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Inference: multi-scale prediction (max of upsampled logits, the official protocol) and evaluation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from PIL import Image
+
+from diga_fast.data.labels import LabelSpace
+from diga_fast.engine.checkpoint import atomic_write
+from diga_fast.errors import DigaError
+from diga_fast.evaluate import ConfusionMatrix, summarize
+from diga_fast.method.losses import upsample_to
+from diga_fast.models import SegmentationModel
+
+
+@torch.no_grad()
+def predict_logits(model: SegmentationModel, images: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """Logits at full input size: for each scale, resize the image (bilinear), run the model,
+    upsample the logits to full size; combine scales by element-wise max."""
+    size = tuple(images.shape[-2:])
+    combined = None
+    for scale in scales:
+        x = images
+        if scale != 1.0:
+            scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+            x = F.interpolate(images, size=scaled, mode="bilinear", align_corners=True)
+        logits = upsample_to(model(x)[0].float(), size)
+        combined = logits if combined is None else torch.maximum(combined, logits)
+    return combined
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: SegmentationModel,
+    dataset: Dataset,
+    label_space: LabelSpace,
+    device: torch.device,
+    scales: Sequence[float] = (1.0,),
+    batch_size: int = 1,
+    num_workers: int = 0,
+    max_images: int | None = None,
+    bf16: bool = False,
+) -> dict:
+    """Confusion matrix over every pixel of ``dataset`` (full size) -> summary dict (see evaluate.py)."""
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(label_space.num_classes)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    seen = 0
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = predict_logits(model, images, scales)
+        matrix.update(logits.argmax(1), batch["label"].to(device))
+        seen += images.shape[0]
+        if max_images is not None and seen >= max_images:
+            break
+    model.train(was_training)
+    return summarize(matrix, label_space)
+
+
+def save_png(path: Path, array: np.ndarray) -> None:
+    """Write a PNG atomically (temp file + rename): an interrupted run leaves no truncated image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+@torch.no_grad()
+def predict_folder(
+    model: SegmentationModel,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    label_space: LabelSpace,
+    device: torch.device,
+    scales: Sequence[float] = (1.0,),
+    overlay: bool = False,
+    bf16: bool = False,
+) -> int:
+    """Segment every image under ``images_dir`` (recursively, any size) into ``out_dir``, keeping
+    sub-folders: ``NAME_labelIds.png`` (Cityscapes label ids), ``NAME_color.png`` (palette) and,
+    with ``overlay``, ``NAME_overlay.png``. Returns the number of images."""
+    from diga_fast.data.datasets import ImageFolder
+
+    dataset = ImageFolder(images_dir)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DigaError(f"cannot create --out {out_dir}: {err.strerror or err}") from None
+    to_label_id = label_space.train_id_to_label_id()
+    model.eval()
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        image = sample["image"].unsqueeze(0).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            labels = predict_logits(model, image, scales).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        base = out_dir / sample["name"]
+        color = label_space.colorize(labels)
+        save_png(base.with_name(base.name + "_labelIds.png"), to_label_id[labels])
+        save_png(base.with_name(base.name + "_color.png"), color)
+        if overlay:
+            rgb = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            blend = (0.5 * rgb + 0.5 * color).round().astype(np.uint8)
+            save_png(base.with_name(base.name + "_overlay.png"), blend)
+    return len(dataset)
+
+
+_SEQ_FRAME = re.compile(r"(\d{6})_(\d{6})")
+
+
+def match_predictions(pred_dir: Path, stems: Sequence[str]) -> dict[str, Path]:
+    """Map each ground-truth stem (``city_seq_frame``) to the prediction PNG whose file name contains
+    it anywhere (e.g. ``frankfurt_000000_000294_leftImg8bit.png`` or ``pred/frankfurt_000000_000294.png``)."""
+    by_suffix: dict[str, list[str]] = {}
+    for stem in stems:
+        by_suffix.setdefault(stem[-13:], []).append(stem)
+    found: dict[str, Path] = {}
+    for path in sorted(Path(pred_dir).rglob("*.png")):
+        for match in _SEQ_FRAME.finditer(path.name):
+            for stem in by_suffix.get(match.group(0), ()):
+                if stem in path.name:
+                    if stem in found:
+                        raise DigaError(f"two predictions for {stem}: {found[stem]} and {path}")
+                    found[stem] = path
+    return found
+
+
+def evaluate_prediction_folder(pred_dir: str | Path, dataset, label_space: LabelSpace) -> dict:
+    """mIoU of label-id prediction PNGs against a Cityscapes-layout dataset's ground truth."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise DigaError(f"--pred-dir not found: {pred_dir}")
+    stems = [dataset.name_of(i).split("/")[-1] for i in range(len(dataset))]
+    predictions = match_predictions(pred_dir, stems)
+    missing = [s for s in stems if s not in predictions]
+    if missing:
+        raise DigaError(f"{len(missing)} of {len(stems)} ground-truth images have no prediction in {pred_dir} (first: {missing[0]})")
+    lut = torch.from_numpy(label_space.cityscapes_id_lut().astype(np.int64))
+    matrix = ConfusionMatrix(label_space.num_classes)
+    for index, stem in enumerate(stems):
+        target = dataset.label_of(index)
+        try:
+            with Image.open(predictions[stem]) as handle:
+                pred_ids = np.array(handle)
+        except OSError as err:
+            raise DigaError(f"cannot read prediction {predictions[stem]}: {err}") from None
+        if pred_ids.ndim != 2 or pred_ids.shape != tuple(target.shape):
+            raise DigaError(f"prediction {predictions[stem]} is {pred_ids.shape}, the ground truth is {tuple(target.shape)} (need a single-channel label-id PNG)")
+        if pred_ids.max() > 255:
+            raise DigaError(f"prediction {predictions[stem]} holds ids above 255; write Cityscapes label ids")
+        matrix.update(lut[torch.from_numpy(pred_ids.astype(np.int64))], target)
+    return summarize(matrix, label_space)

@@ -1,0 +1,238 @@
+"""The recipe: every hyper-parameter of a run in one dataclass tree, loaded from and saved to YAML.
+
+A run's recipe is built in three layers: the preset (``paper`` = the official recipe of method.md,
+``demo`` = the small CPU model on the built-in pair), then an optional ``--config FILE``, then dotted
+``key=value`` overrides from the command line (``optim.lr=0.01 data.batch_size=4``). The fully
+resolved recipe is written to ``config.yaml`` in the run folder, and ``--config config.yaml``
+reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diga_fast.errors import DigaError
+
+Size = tuple[int, int]
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    target: str = "synthetic"
+    label_space: str = "cityscapes19"
+    batch_size: int = 8
+    num_workers: int = 2
+    # Geometry of training crops: resize the whole image first (None = keep), then rescale
+    # width and height independently by U(scale) (None = no rescale), then random-crop ``crop``.
+    source_resize: Size | None = None
+    source_scale: tuple[float, float] | None = (0.7, 1.0)
+    target_resize: Size | None = None
+    target_scale: tuple[float, float] | None = (0.7, 1.0)
+    crop: Size = (96, 192)
+    content_retry: bool = False
+    # Evaluation: full-size images, logits at each scale upsampled to full size, element-wise max.
+    eval_scales: tuple[float, ...] = (1.0,)
+    eval_max_images: int | None = None
+    # The built-in pair: how many images each split of each synthetic domain holds.
+    synthetic_train_images: int = 1000
+    synthetic_val_images: int = 100
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "small"
+    pretrained: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-2
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 1500
+    log_every: int = 20
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 500
+    bf16: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    preset: str = "demo"
+    stage: str = "source"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def digest(self) -> str:
+        """A short hash of the resolved recipe (recorded in checkpoints and exported models)."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+PRESETS = ("demo", "paper")
+
+
+def preset_recipe(preset: str, stage: str, source: str = "synthetic", target: str = "synthetic") -> Recipe:
+    """The preset's defaults. ``demo``: the small CPU model on the built-in pair. ``paper``: the
+    official DeepLabV2-R101 recipe (method.md) for GTA5/SYNTHIA -> Cityscapes."""
+    if preset not in PRESETS:
+        raise DigaError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    recipe = Recipe(preset=preset, stage=stage)
+    recipe.data.source, recipe.data.target = source, target
+    if preset == "paper":
+        synthia = source.startswith("synthia")
+        recipe.data = DataConfig(
+            source=source,
+            target=target,
+            label_space="synthia16" if synthia else "cityscapes19",
+            batch_size=3,
+            num_workers=4,
+            source_resize=(760, 1280) if synthia else (720, 1280),
+            source_scale=None if synthia else (0.7, 1.0),
+            target_resize=(512, 1024),
+            target_scale=None,
+            crop=(512, 896),
+            content_retry=True,
+            eval_scales=(1.0, 0.5),
+        )
+        recipe.model = ModelConfig(arch="deeplabv2_r101")
+        recipe.optim = OptimConfig(lr=2.5e-4)
+        recipe.train = TrainConfig(iters=80_000, log_every=50, eval_every=0, save_every=2000, bf16=False)
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------
+# dict / YAML round trip with type checking
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` (from YAML or the command line) against a field's type annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except DigaError as err:
+                errors.append(str(err))
+        raise DigaError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise DigaError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise DigaError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise DigaError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise DigaError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise DigaError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise DigaError(f"{key}: expected a string, got {value!r}")
+    raise DigaError(f"{key}: unsupported field type {annotation!r}")  # pragma: no cover
+
+
+def _update(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise DigaError(f"unknown recipe key {path!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise DigaError(f"{path}: expected a mapping of its fields, got {value!r}")
+            _update(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def recipe_from_dict(values: dict[str, Any], base: Recipe | None = None) -> Recipe:
+    recipe = base if base is not None else Recipe()
+    _update(recipe, values)
+    return recipe
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DigaError(f"config file not found: {path}") from None
+    except (OSError, yaml.YAMLError) as err:
+        raise DigaError(f"cannot read config file {path}: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DigaError(f"config file {path} must hold a mapping of recipe fields")
+    return data
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
+    """Apply ``section.field=value`` strings; values are parsed as YAML (``1e-3``, ``[512, 896]``,
+    ``true``, ``null``)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise DigaError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.01)")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            raise DigaError(f"override {item!r}: cannot parse value {text!r}") from None
+        nested: dict[str, Any] = {}
+        cursor = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        _update(recipe, nested)
+    return recipe
+
+
+def save_yaml(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -1,0 +1,201 @@
+"""Pieces every training stage shares: device, seeding, the optimizer and its poly schedule, and the
+run object that owns the run folder, logging, progress, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from diga_fast.engine.checkpoint import (
+    atomic_write,
+    MetricsLog,
+    load_state,
+    load_state_checked,
+    prepare_run_dir,
+    save_state,
+    save_weights,
+)
+from diga_fast.engine.recipe import Recipe, save_yaml
+from diga_fast.errors import DigaError
+from diga_fast.models import SegmentationModel
+
+console = Console(stderr=True)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DigaError(f"--device {name!r} is not a device (use cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DigaError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: SegmentationModel, recipe: Recipe) -> torch.optim.SGD:
+    """SGD, base LR for the backbone and ``head_lr_mult`` x for the head (method.md step 5)."""
+    cfg = recipe.optim
+    groups = [
+        {"params": list(model.backbone_parameters()), "lr": cfg.lr, "base_lr": cfg.lr},
+        {"params": list(model.head_parameters()), "lr": cfg.lr * cfg.head_lr_mult, "base_lr": cfg.lr * cfg.head_lr_mult},
+    ]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total: int, power: float) -> float:
+    """lr = base_lr * (1 - step / total) ** power for every group; returns the first group's lr."""
+    factor = (1.0 - step / total) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingRun:
+    """A run folder and everything written into it.
+
+    ``modules`` are the models whose weights are saved as ``<name>.safetensors`` (and restored on
+    resume); ``extras`` are any other state a stage needs back on resume (e.g. centroids)."""
+
+    def __init__(self, recipe: Recipe, out: str | Path, resume: bool = False) -> None:
+        self.recipe = recipe
+        self.dir = prepare_run_dir(out, resume)
+        self.resume = resume
+        if not resume:
+            atomic_write(self.dir / "config.yaml", lambda tmp: save_yaml(recipe, tmp))
+        self.metrics = MetricsLog(self.dir)
+        self.step = 0
+        self._last_log_time = time.perf_counter()
+        self._last_log_step = 0
+        self.last_saved_step: int | None = None
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        modules: dict[str, SegmentationModel],
+        optimizer: torch.optim.Optimizer | None = None,
+        extras: dict[str, Any] | None = None,
+    ) -> None:
+        label_space, digest = self.recipe.data.label_space, self.recipe.digest()
+        for name, module in modules.items():
+            save_weights(self.dir / f"{name}.safetensors", module, label_space, digest)
+        state = {
+            "step": step,
+            "recipe": self.recipe.to_dict(),
+            "modules": {name: module.state_dict() for name, module in modules.items()},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "rng": _rng_state(),
+            "extras": extras or {},
+        }
+        save_state(self.dir / "state.pt", state)
+        self.last_saved_step = step
+
+    def restore(
+        self,
+        modules: dict[str, SegmentationModel],
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> dict[str, Any]:
+        """On ``--resume``: load modules, optimizer and RNG state; returns the stage extras and sets
+        ``self.step``. Without resume: returns {} and leaves step 0."""
+        if not self.resume:
+            return {}
+        state = load_state(self.dir / "state.pt")
+        if state.get("recipe", {}).get("stage") != self.recipe.stage:
+            raise DigaError(f"--resume: {self.dir} is a {state.get('recipe', {}).get('stage')!r} run, not {self.recipe.stage!r}")
+        for name, module in modules.items():
+            if name not in state["modules"]:
+                raise DigaError(f"--resume: {self.dir}/state.pt holds no {name!r} weights")
+            load_state_checked(module, state["modules"][name], f"{self.dir}/state.pt")
+        if optimizer is not None and state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        self.step = self.last_saved_step = int(state["step"])
+        self.metrics.truncate_after(self.step)
+        return state["extras"]
+
+    # -- logging ---------------------------------------------------------------------------
+    def check_finite(self, step: int, **values: torch.Tensor) -> None:
+        for name, value in values.items():
+            if not math.isfinite(float(value)):
+                where = (
+                    f"the last good checkpoint (step {self.last_saved_step}) is in {self.dir}"
+                    if self.last_saved_step is not None
+                    else "no checkpoint was written yet"
+                )
+                raise DigaError(f"{name} is {float(value)} at step {step}: training stopped; {where}")
+
+    def log(self, step: int, **values: Any) -> None:
+        now = time.perf_counter()
+        rate = (step - self._last_log_step) / max(now - self._last_log_time, 1e-9)
+        self._last_log_time, self._last_log_step = now, step
+        self.metrics.write(step, **values, it_per_s=round(rate, 3))
+
+    @contextmanager
+    def progress(self, total: int, description: str) -> Iterator[Callable[..., None]]:
+        """A rich progress bar (it/s, ETA, the latest values); yields ``tick(step, **values)``."""
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} it/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        start_time, start_step = time.perf_counter(), self.step
+        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+            task = bar.add_task(description, total=total, completed=self.step, rate="-", info="")
+
+            def tick(step: int, **values: Any) -> None:
+                rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
+                info = " ".join(f"{k} {float(v):.4f}" for k, v in values.items())
+                bar.update(task, completed=step, rate=f"{rate:.2f}", info=info)
+                if not console.is_terminal and (step % max(1, total // 10) == 0 or step == total):
+                    console.print(f"{description}: {step}/{total}  {rate:.2f} it/s  {info}", highlight=False)
+
+            yield tick
+
+    def write_json(self, name: str, data: Any) -> None:
+        atomic_write(self.dir / name, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+    def close(self) -> None:
+        self.metrics.close()

@@ -1,0 +1,106 @@
+"""Supervised training on a labelled dataset: the source-only baseline (and, pointed at the target's
+labels, the oracle). The DiGA stages use the same engine; this is the plainest loop of them all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diga_fast.data import build_dataset
+from diga_fast.data.labels import get_label_space
+from diga_fast.data.loader import make_loader
+from diga_fast.data.transforms import eval_transform, train_transform
+from diga_fast.engine.inference import evaluate_model
+from diga_fast.engine.recipe import Recipe
+from diga_fast.engine.training import (
+    TrainingRun,
+    autocast,
+    build_optimizer,
+    resolve_device,
+    seed_everything,
+    set_poly_lr,
+)
+from diga_fast.method.losses import segmentation_cross_entropy
+from diga_fast.models import build_model
+
+
+def source_train_dataset(recipe: Recipe, label_space):
+    data = recipe.data
+    transform = train_transform(
+        resize=data.source_resize, crop=data.crop, scale=data.source_scale, flip=True, content_retry=data.content_retry
+    )
+    return build_dataset(
+        data.source, role="source", split="train", label_space=label_space, transform=transform,
+        synthetic_images=data.synthetic_train_images, seed=recipe.train.seed,
+    )
+
+
+def target_val_dataset(recipe: Recipe, label_space):
+    data = recipe.data
+    return build_dataset(
+        data.target, role="target", split="val", label_space=label_space, transform=eval_transform(None),
+        synthetic_images=data.synthetic_val_images, seed=recipe.train.seed,
+    )
+
+
+def evaluate_on_target(model, recipe: Recipe, label_space, device: torch.device) -> dict:
+    return evaluate_model(
+        model, target_val_dataset(recipe, label_space), label_space, device,
+        scales=recipe.data.eval_scales, max_images=recipe.data.eval_max_images, bf16=recipe.train.bf16,
+    )
+
+
+def train_source(recipe: Recipe, out: str | Path, device: str | None = None, resume: bool = False) -> dict:
+    """Train ``recipe.model`` on ``recipe.data.source`` with CE; evaluate on the target's val split.
+    Returns the final evaluation summary (also written to ``eval.json`` in the run folder)."""
+    device = resolve_device(device)
+    seed_everything(recipe.train.seed)
+    label_space = get_label_space(recipe.data.label_space)
+    train_set = source_train_dataset(recipe, label_space)
+    target_val_dataset(recipe, label_space)  # fail on a bad target before training starts
+
+    run = TrainingRun(recipe, out, resume)
+    model = build_model(recipe.model.arch, label_space.num_classes, recipe.model.pretrained).to(device)
+    optimizer = build_optimizer(model, recipe)
+    run.restore({"model": model}, optimizer)
+
+    total = recipe.train.iters
+    batches = make_loader(
+        train_set, batch_size=recipe.data.batch_size, shuffle=True, num_workers=recipe.data.num_workers,
+        seed=recipe.train.seed, drop_last=True, infinite=True, start_step=run.step,
+    )
+    model.train()
+    with run.progress(total, f"train source ({recipe.data.source})") as tick:
+        for step in range(run.step, total):
+            lr = set_poly_lr(optimizer, step, total, recipe.optim.poly_power)
+            batch = next(batches)
+            images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+            with autocast(device, recipe.train.bf16):
+                logits, _ = model(images)
+            loss = segmentation_cross_entropy(logits, labels)
+            run.check_finite(step + 1, loss=loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            done = step + 1
+            tick(done, loss=loss)
+            if done % recipe.train.log_every == 0 or done == total:
+                run.log(done, loss=loss, lr=lr)
+            if done % recipe.train.save_every == 0 and done != total:
+                run.save(done, {"model": model}, optimizer)
+            if recipe.train.eval_every and done % recipe.train.eval_every == 0 and done != total:
+                run.log(done, **{f"target_val/{k}": v for k, v in _flat(evaluate_on_target(model, recipe, label_space, device)).items()})
+                model.train()
+
+    summary = evaluate_on_target(model, recipe, label_space, device)
+    run.log(total, **{f"target_val/{k}": v for k, v in _flat(summary).items()})
+    run.save(total, {"model": model}, optimizer)
+    run.write_json("eval.json", summary)
+    run.close()
+    return summary
+
+
+def _flat(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "num_classes"}
