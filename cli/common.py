@@ -40,8 +40,8 @@ def resolve_recipe(stage: str, *, source: str, target: str, preset: str | None, 
     config.yaml is the recipe (only --iters and overrides may change it)."""
     if resume:
         saved = Path(out) / "config.yaml"
-        if not saved.is_file():
-            raise DigaError(f"--resume: {out} holds no config.yaml")
+        if not (Path(out) / "state.pt").is_file() or not saved.is_file():
+            raise DigaError(f"--resume: {out} holds no state.pt and config.yaml to resume from")
         values = load_yaml(saved)
         recipe = recipe_from_dict(values, base=preset_recipe(values.get("preset", "demo"), stage))
     else:

@@ -1,0 +1,21 @@
+"""Fused Triton kernels of diga-fast, each beside its plain-PyTorch reference (``*_ref``).
+
+Every op takes ``backend=None | "triton" | "torch"``: ``None`` runs Triton on CUDA tensors and the
+reference otherwise; ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set before import).
+"""
+
+from .assign_centroids import assign_centroids, assign_centroids_ref
+from .class_feature_sums import class_feature_sums, class_feature_sums_ref
+from .consensus_cross_entropy import consensus_cross_entropy, consensus_cross_entropy_ref
+from .crdomix_blend import crdomix_blend, crdomix_blend_ref
+
+__all__ = [
+    "assign_centroids",
+    "assign_centroids_ref",
+    "class_feature_sums",
+    "class_feature_sums_ref",
+    "consensus_cross_entropy",
+    "consensus_cross_entropy_ref",
+    "crdomix_blend",
+    "crdomix_blend_ref",
+]

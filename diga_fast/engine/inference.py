@@ -118,12 +118,15 @@ _SEQ_FRAME = re.compile(r"(\d{6})_(\d{6})")
 
 def match_predictions(pred_dir: Path, stems: Sequence[str]) -> dict[str, Path]:
     """Map each ground-truth stem (``city_seq_frame``) to the prediction PNG whose file name contains
-    it anywhere (e.g. ``frankfurt_000000_000294_leftImg8bit.png`` or ``pred/frankfurt_000000_000294.png``)."""
+    it anywhere (e.g. ``frankfurt_000000_000294_leftImg8bit.png`` or ``pred/frankfurt_000000_000294.png``).
+    The colour and overlay PNGs ``diga predict`` writes beside its label-id PNGs are skipped."""
     by_suffix: dict[str, list[str]] = {}
     for stem in stems:
         by_suffix.setdefault(stem[-13:], []).append(stem)
     found: dict[str, Path] = {}
     for path in sorted(Path(pred_dir).rglob("*.png")):
+        if path.name.endswith(("_color.png", "_overlay.png")):
+            continue
         for match in _SEQ_FRAME.finditer(path.name):
             for stem in by_suffix.get(match.group(0), ()):
                 if stem in path.name:
@@ -138,7 +141,7 @@ def evaluate_prediction_folder(pred_dir: str | Path, dataset, label_space: Label
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise DigaError(f"--pred-dir not found: {pred_dir}")
-    stems = [dataset.name_of(i).split("/")[-1] for i in range(len(dataset))]
+    stems = [name.split("/")[-1] for name in dataset.names]
     predictions = match_predictions(pred_dir, stems)
     missing = [s for s in stems if s not in predictions]
     if missing:
@@ -146,7 +149,7 @@ def evaluate_prediction_folder(pred_dir: str | Path, dataset, label_space: Label
     lut = torch.from_numpy(label_space.cityscapes_id_lut().astype(np.int64))
     matrix = ConfusionMatrix(label_space.num_classes)
     for index, stem in enumerate(stems):
-        target = dataset.label_of(index)
+        target = torch.from_numpy(dataset.read(index)[1].astype(np.int64))
         try:
             with Image.open(predictions[stem]) as handle:
                 pred_ids = np.array(handle)

@@ -154,13 +154,13 @@ class TrainingRun:
     # -- logging ---------------------------------------------------------------------------
     def check_finite(self, step: int, **values: torch.Tensor) -> None:
         for name, value in values.items():
-            if not math.isfinite(float(value)):
+            if not math.isfinite(float(value.detach())):
                 where = (
                     f"the last good checkpoint (step {self.last_saved_step}) is in {self.dir}"
                     if self.last_saved_step is not None
                     else "no checkpoint was written yet"
                 )
-                raise DigaError(f"{name} is {float(value)} at step {step}: training stopped; {where}")
+                raise DigaError(f"{name} is {float(value.detach())} at step {step}: training stopped; {where}")
 
     def log(self, step: int, **values: Any) -> None:
         now = time.perf_counter()
@@ -187,7 +187,7 @@ class TrainingRun:
 
             def tick(step: int, **values: Any) -> None:
                 rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
-                info = " ".join(f"{k} {float(v):.4f}" for k, v in values.items())
+                info = " ".join(f"{k} {float(v.detach() if torch.is_tensor(v) else v):.4f}" for k, v in values.items())
                 bar.update(task, completed=step, rate=f"{rate:.2f}", info=info)
                 if not console.is_terminal and (step % max(1, total // 10) == 0 or step == total):
                     console.print(f"{description}: {step}/{total}  {rate:.2f} it/s  {info}", highlight=False)

@@ -22,3 +22,25 @@ def segmentation_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> to
     if not bool((labels != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """mean over pixels of -sum_k p_T,k log p_S,k, teacher probabilities detached."""
+    teacher_prob = torch.softmax(teacher_logits.detach().float() / temperature, dim=1)
+    student_logp = torch.log_softmax(student_logits.float(), dim=1)
+    return -(teacher_prob * student_logp).sum(1).mean()
+
+
+def cross_view_distillation(
+    student_clean: torch.Tensor,
+    student_mix: torch.Tensor,
+    teacher_clean: torch.Tensor,
+    teacher_mix: torch.Tensor,
+    reverse_scale: float,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """L_dist = CE(p_T(x_s), p_S(x_cdm)) + s * CE(p_T(x_cdm), p_S(x_s)), averaged over all pixels
+    (official behaviour); same-view pairs are not used."""
+    return soft_cross_entropy(student_mix, teacher_clean, temperature) + reverse_scale * soft_cross_entropy(
+        student_clean, teacher_mix, temperature
+    )

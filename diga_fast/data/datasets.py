@@ -1,0 +1,565 @@
+"""The real datasets: GTA5, SYNTHIA-RAND-CITYSCAPES, Cityscapes, and a plain folder of images.
+
+Every dataset returns a dict per sample:
+
+* ``"image"``: float32 ``[3, H, W]`` RGB in [0, 1] (after the transform);
+* ``"label"``: int64 ``[H, W]`` class indices of the dataset's label space, 255 = ignore (only when
+  ``with_labels``);
+* ``"name"``: a relative path without extension, unique within the dataset (``"00001"`` for GTA5,
+  ``"aachen/aachen_000000_000019"`` for Cityscapes, ``"sub/dir/photo"`` for a folder). Predictions
+  are written under the same name, so sub-folders are kept;
+* ``"size"``: int64 ``[2]``, the (height, width) of the image as stored, before the transform.
+
+Folder layouts are those of the official code (``docs/diga-official-code.md`` §11.1). Listing checks
+(missing folders, no images, an image without a label file, a bad list file) run when a dataset is
+built; checks that need the pixels (unreadable files, size mismatch, ids outside the label map) run
+when a sample is read, since the datasets are large. Each raises :class:`DigaError` with one line
+that names the file or folder.
+
+16-bit PNGs (SYNTHIA's ``GT/LABELS``): Pillow opens 16-bit RGB/RGBA PNGs as 8-bit, keeping only the
+high byte of each sample, which throws the class id (the low byte) away. :func:`read_png` reads them
+at full depth by letting Pillow decode the file twice, once with its default raw mode (high bytes)
+and once with the little-endian raw mode (``RGB;16L``/``RGBA;16L``, which then yields the low
+bytes), and joins the two. Both runs use Pillow's C decoder, so this is fast. Where that raw-mode
+switch is not possible (16-bit grey+alpha, or a future Pillow that changes its tile API), a small
+pure numpy/zlib PNG decoder takes over (non-interlaced PNGs only; correct but slow, seconds for a
+full-size image). 16-bit greyscale PNGs open natively in Pillow as mode ``I;16``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from diga_fast.data.labels import (
+    CITYSCAPES19,
+    CITYSCAPES_MAX_ID,
+    IGNORE_INDEX,
+    SYNTHIA16,
+    SYNTHIA_MAX_ID,
+    LabelSpace,
+    synthia_id_lut,
+)
+from diga_fast.errors import DigaError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Sample",
+    "SegmentationDataset",
+    "GTA5",
+    "Synthia",
+    "Cityscapes",
+    "ImageFolder",
+    "read_png",
+    "read_rgb",
+    "to_rgb_uint8",
+    "split_names",
+    "synthia_to_space_lut",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------------
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def to_rgb_uint8(im: Image.Image) -> np.ndarray:
+    """Any Pillow image -> ``[H, W, 3]`` uint8 RGB. Conversions: greyscale (``L``, ``1``) is
+    repeated over three channels; an alpha channel (``RGBA``, ``LA``, ``PA``) is dropped, colours kept
+    as stored; palette images are expanded; 16-bit samples (``I;16*``, and ``I`` taken as 16-bit) keep
+    their high byte (``v >> 8``; Pillow does the same for 16-bit RGB PNGs); float images (``F``) are
+    taken as [0, 1] when their maximum is <= 1, else as [0, 255]; CMYK/YCbCr go through Pillow's
+    ``convert("RGB")``."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode.startswith("I;16") or mode == "I":
+        grey = np.asarray(im).astype(np.int64)
+        grey = (np.clip(grey, 0, 65535) >> 8).astype(np.uint8)
+    elif mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float32))
+        if values.size and values.max() <= 1.0:
+            values = values * 255.0
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    elif mode in ("L", "1"):
+        grey = np.asarray(im.convert("L"))
+    else:
+        return np.asarray(im.convert("RGB"))
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as ``[H, W, 3]`` uint8 RGB (see :func:`to_rgb_uint8` for conversions)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb_uint8(im)
+    except FileNotFoundError:
+        raise DigaError(f"image {path} does not exist") from None
+    except Exception as error:  # noqa: BLE001 - any decoder failure is a bad file for the user
+        raise DigaError(f"cannot read image {path}: {_one_line(error)}") from None
+
+
+def _png_header(path: Path) -> tuple[int, int, int, int, int] | None:
+    """(width, height, bit depth, colour type, interlace) of a PNG, or None if not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(33)
+    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
+    return width, height, depth, colour, interlace
+
+
+def _pillow_png16(path: Path) -> np.ndarray:
+    """Full-depth uint16 [H, W, C] of a 16-bit RGB/RGBA PNG via two Pillow decodes (high, low bytes).
+    Raises ``NotImplementedError`` when this Pillow cannot switch the raw mode."""
+    with Image.open(path) as im:
+        tiles = list(im.tile)
+        high = np.asarray(im)  # default raw mode "RGB;16B": the high byte of each sample
+    with Image.open(path) as im:
+        swapped = []
+        for tile in im.tile:
+            args = getattr(tile, "args", None) if hasattr(tile, "_replace") else tile[3]
+            if not isinstance(args, str) or not args.endswith(";16B"):
+                raise NotImplementedError(f"unexpected Pillow tile {tile!r}")
+            low_mode = args[:-1] + "L"
+            swapped.append(tile._replace(args=low_mode) if hasattr(tile, "_replace")
+                           else (*tile[:3], low_mode, *tile[4:]))
+        if len(swapped) != len(tiles):
+            raise NotImplementedError("tile lists differ")
+        im.tile = swapped
+        try:
+            low = np.asarray(im)  # "RGB;16L" reads the pairs little-endian: the low byte
+        except ValueError as error:  # unknown raw mode
+            raise NotImplementedError(str(error)) from None
+    if high.shape != low.shape or high.dtype != np.uint8:
+        raise NotImplementedError("Pillow decoded the two passes differently")
+    return (high.astype(np.uint16) << 8) | low
+
+
+def _unfilter(data: bytes, height: int, stride: int, bpp: int) -> np.ndarray:
+    """Undo PNG row filtering. Returns [height, stride] uint8."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if raw.size < height * (stride + 1):
+        raise ValueError(f"image data too short ({raw.size} bytes, need {height * (stride + 1)})")
+    rows = raw[: height * (stride + 1)].reshape(height, stride + 1)
+    out = np.empty((height, stride), dtype=np.uint8)
+    prev = np.zeros(stride, dtype=np.uint8)
+    for y in range(height):
+        kind, line = int(rows[y, 0]), rows[y, 1:]
+        if kind == 0:
+            cur = line
+        elif kind == 1 or (kind == 4 and y == 0):  # Paeth with a zero row above is Sub
+            cur = np.cumsum(line.reshape(-1, bpp), axis=0, dtype=np.uint8).reshape(-1)
+        elif kind == 2:
+            cur = line + prev
+        elif kind in (3, 4):
+            cur_b = bytearray(line.tobytes())
+            up = prev.tobytes()
+            for i in range(stride):
+                a = cur_b[i - bpp] if i >= bpp else 0
+                b = up[i]
+                if kind == 3:
+                    pred = (a + b) >> 1
+                else:
+                    c = up[i - bpp] if i >= bpp else 0
+                    p = a + b - c
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+                cur_b[i] = (cur_b[i] + pred) & 0xFF
+            cur = np.frombuffer(bytes(cur_b), dtype=np.uint8)
+        else:
+            raise ValueError(f"bad PNG filter type {kind} in row {y}")
+        out[y] = cur
+        prev = out[y]
+    return out
+
+
+def _decode_png(path: Path) -> np.ndarray:
+    """A minimal PNG decoder (numpy + zlib): non-interlaced, 8- or 16-bit, grey/grey+alpha/RGB/RGBA.
+    Returns [H, W] or [H, W, C], uint8 or uint16."""
+    data = Path(path).read_bytes()
+    if data[:8] != _PNG_SIGNATURE:
+        raise ValueError("not a PNG file")
+    pos, header, idat = 8, None, []
+    while pos + 8 <= len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if len(body) != length:
+            raise ValueError("truncated PNG chunk")
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or not idat:
+        raise ValueError("PNG without IHDR or IDAT")
+    width, height, depth, colour, _, _, interlace = header
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(colour)
+    if channels is None or depth not in (8, 16) or interlace:
+        raise ValueError(f"unsupported PNG (bit depth {depth}, colour type {colour}, "
+                         f"interlace {interlace})")
+    bpp = channels * depth // 8
+    pixels = _unfilter(zlib.decompress(b"".join(idat)), height, width * bpp, bpp)
+    if depth == 16:
+        pixels = pixels.view(">u2").astype(np.uint16)
+    pixels = pixels.reshape(height, width, channels)
+    return pixels[:, :, 0] if channels == 1 else pixels
+
+
+def read_png(path: str | os.PathLike, what: str = "label") -> np.ndarray:
+    """Read a PNG (or any Pillow image) at full bit depth, without colour conversion: ``[H, W]`` for
+    single-channel and palette images (palette *indices*), ``[H, W, C]`` otherwise; uint8, uint16
+    (16-bit) or int32 (Pillow mode ``I``). See the module docstring for 16-bit RGB/RGBA."""
+    path = Path(path)
+    try:
+        header = _png_header(path)
+        if header is not None and header[2] == 16 and header[3] in (2, 4, 6):
+            if header[3] != 4:
+                try:
+                    return _pillow_png16(path)
+                except (NotImplementedError, AttributeError, TypeError, IndexError):
+                    pass
+            return _decode_png(path)
+        with Image.open(path) as im:
+            im.load()
+            array = np.asarray(im)
+        return array.astype(array.dtype.newbyteorder("=")) if array.dtype.byteorder == ">" else array
+    except FileNotFoundError:
+        raise DigaError(f"{what} {path} does not exist") from None
+    except Exception as error:  # noqa: BLE001
+        raise DigaError(f"cannot read {what} {path}: {_one_line(error)}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing helpers
+# --------------------------------------------------------------------------------------------------
+
+def split_names(names: Sequence[str], split: str, val_every: int = 20,
+                what: str = "dataset") -> list[str]:
+    """Deterministic train/val split of a dataset without an official one (GTA5, SYNTHIA): a name is
+    in ``"val"`` when ``crc32(name) % val_every == 0`` (about 1 in ``val_every``), else in
+    ``"train"``; ``"all"`` keeps everything. Hashing the name keeps each file on the same side when
+    other files are added or removed."""
+    if split == "all":
+        return list(names)
+    if split not in ("train", "val"):
+        raise DigaError(f"unknown {what} split {split!r}; choose all, train or val")
+    want_val = split == "val"
+    return [n for n in names if (zlib.crc32(n.encode()) % val_every == 0) == want_val]
+
+
+def _require_dir(path: Path, message: str) -> Path:
+    if not path.is_dir():
+        raise DigaError(message)
+    return path
+
+
+def _pngs_in(folder: Path) -> list[str]:
+    """Sorted stems of the ``*.png`` files directly in ``folder`` (hidden files skipped)."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name[:-4] for e in entries
+                      if e.name.lower().endswith(".png") and not e.name.startswith(".") and e.is_file())
+
+
+def _read_list_file(list_file: str | os.PathLike, known: set[str], images: Path) -> list[str]:
+    """Ids from a list file such as the official ``train_modified.txt``: one per line, with or
+    without a folder and the ``.png`` extension; blank lines and ``#`` comments are skipped."""
+    path = Path(list_file)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise DigaError(f"cannot read list file {path}: {_one_line(error)}") from None
+    names = []
+    for number, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        name = Path(entry.split()[0]).name
+        if name.lower().endswith(".png"):
+            name = name[:-4]
+        if name not in known:
+            raise DigaError(f"list file {path} line {number}: no image {name}.png in {images}")
+        names.append(name)
+    if not names:
+        raise DigaError(f"list file {path} names no images")
+    return names
+
+
+def synthia_to_space_lut(label_space: LabelSpace = SYNTHIA16) -> np.ndarray:
+    """uint8 lookup table SYNTHIA id (0..SYNTHIA_MAX_ID) -> class index of ``label_space``, matched by
+    class name; for CITYSCAPES19, terrain, truck and train (absent from SYNTHIA) never occur."""
+    return synthia_id_lut(label_space)
+
+
+class Sample(NamedTuple):
+    name: str
+    image: Path
+    label: Path | None
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------
+
+class SegmentationDataset(Dataset):
+    """Shared reading, checking and tensor conversion. Subclasses fill ``self.samples`` and
+    implement :meth:`read_label` (file -> uint8 class indices, 255 = ignore)."""
+
+    kind = "dataset"
+    # Added to pixel-level errors of datasets that take a list file of good ids.
+    hint = ""
+
+    def __init__(self, samples: list[Sample], label_space: LabelSpace, transform=None,
+                 with_labels: bool = True):
+        self.samples = samples
+        self.label_space = label_space
+        self.transform = transform
+        self.with_labels = with_labels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.samples]
+
+    def read_label(self, path: Path) -> np.ndarray:
+        raise NotImplementedError
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The untransformed sample: ``[H, W, 3]`` uint8 image, ``[H, W]`` uint8 class indices."""
+        sample = self.samples[index]
+        image = read_rgb(sample.image)
+        if not self.with_labels or sample.label is None:
+            return image, None
+        label = self.read_label(sample.label)
+        if label.shape != image.shape[:2]:
+            raise DigaError(
+                f"label {sample.label} is {label.shape[0]}x{label.shape[1]} (HxW) but its image "
+                f"{sample.image} is {image.shape[0]}x{image.shape[1]}{self.hint}")
+        return image, label
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.read(index)
+        size = torch.tensor(image.shape[:2], dtype=torch.int64)
+        if self.transform is not None:
+            image, label = self.transform(image, label)
+        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+        item = {
+            "image": torch.from_numpy(chw).float().div_(255.0),
+            "name": self.samples[index].name,
+            "size": size,
+        }
+        if label is not None:
+            item["label"] = torch.from_numpy(np.ascontiguousarray(label)).long()
+        return item
+
+    def _check_ids(self, ids: np.ndarray, path: Path, max_id: int, kind: str) -> None:
+        if ids.size == 0:
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if high > max_id or low < 0:
+            bad = high if high > max_id else low
+            raise DigaError(f"label {path} has id {bad}, outside the {kind} label ids 0..{max_id}"
+                            f"{self.hint}")
+
+    def _read_label_ids(self, path: Path, max_id: int, kind: str) -> np.ndarray:
+        ids = read_png(path)
+        if ids.ndim != 2:
+            raise DigaError(f"label {path} has {ids.shape[2]} channels; expected a single-channel "
+                            f"PNG of {kind} label ids")
+        self._check_ids(ids, path, max_id, kind)
+        return ids
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} samples, {self.label_space.name})"
+
+
+class _FlatPairs(SegmentationDataset):
+    """``root/<image_dir>/NAME.png`` with labels at ``root/<label_dir>/NAME.png`` (GTA5, SYNTHIA)."""
+
+    image_dir = label_dir = ""
+    hint = " (leave such files out with a list file)"
+
+    def __init__(self, root, split, label_space, transform, with_labels, list_file, val_every):
+        root = Path(root)
+        layout = f"{self.image_dir}/*.png and {self.label_dir}/*.png"
+        _require_dir(root, f"{self.kind} root {root} does not exist or is not a folder")
+        images = _require_dir(root / self.image_dir,
+                              f"{self.kind} root {root} has no {self.image_dir}/ folder "
+                              f"(expected {layout})")
+        labels = root / self.label_dir
+        if with_labels:
+            _require_dir(labels, f"{self.kind} root {root} has no {self.label_dir}/ folder "
+                                 f"(expected {layout})")
+        names = _pngs_in(images)
+        if not names:
+            raise DigaError(f"no .png images in {images}")
+        if list_file is not None:
+            names = _read_list_file(list_file, set(names), images)
+        names = split_names(names, split, val_every, what=self.kind)
+        if not names:
+            raise DigaError(f"{self.kind} split {split!r} of {images} is empty")
+        if with_labels:
+            have = set(_pngs_in(labels))
+            for name in names:
+                if name not in have:
+                    raise DigaError(f"image {images / (name + '.png')} has no label file "
+                                    f"{labels / (name + '.png')}")
+        samples = [Sample(n, images / f"{n}.png", labels / f"{n}.png" if with_labels else None)
+                   for n in names]
+        super().__init__(samples, label_space, transform, with_labels)
+        self.root = root
+
+
+class GTA5(_FlatPairs):
+    """GTA5: ``root/images/NAME.png``, ``root/labels/NAME.png`` holding Cityscapes label ids (Pillow
+    palette PNGs in the release; greyscale works too). GTA5 has no official val split: ``split`` is
+    ``"all"`` or the deterministic ``"train"``/``"val"`` of :func:`split_names`. ``list_file`` keeps
+    only the ids it names (e.g. the official ``train_modified.txt``, which leaves out images whose
+    label does not match), applied before the split."""
+
+    kind, image_dir, label_dir = "GTA5", "images", "labels"
+
+    def __init__(self, root, split: str = "all", label_space: LabelSpace = CITYSCAPES19,
+                 transform=None, with_labels: bool = True, list_file=None, val_every: int = 20):
+        super().__init__(root, split, label_space, transform, with_labels, list_file, val_every)
+        self._lut = label_space.cityscapes_id_lut()
+
+    def read_label(self, path: Path) -> np.ndarray:
+        return self._lut[self._read_label_ids(path, CITYSCAPES_MAX_ID, "Cityscapes")]
+
+
+class Synthia(_FlatPairs):
+    """SYNTHIA-RAND-CITYSCAPES: ``root/RGB/NAME.png``, ``root/GT/LABELS/NAME.png``. Labels are 16-bit
+    PNGs whose first channel holds the SYNTHIA class id (0..22); 8-bit and single-channel label PNGs
+    are read too. Ids map to ``label_space`` by class name (SYNTHIA16 by default; with CITYSCAPES19 the
+    16 SYNTHIA classes land on their 19-class indices). ``split``/``list_file`` as in :class:`GTA5`."""
+
+    kind, image_dir, label_dir = "SYNTHIA", "RGB", "GT/LABELS"
+
+    def __init__(self, root, split: str = "all", label_space: LabelSpace = SYNTHIA16,
+                 transform=None, with_labels: bool = True, list_file=None, val_every: int = 20):
+        super().__init__(root, split, label_space, transform, with_labels, list_file, val_every)
+        self._lut = synthia_to_space_lut(label_space)
+
+    def read_label(self, path: Path) -> np.ndarray:
+        ids = read_png(path)
+        if ids.ndim == 3:
+            ids = ids[:, :, 0]
+        self._check_ids(ids, path, SYNTHIA_MAX_ID, "SYNTHIA")
+        return self._lut[ids]
+
+
+class Cityscapes(SegmentationDataset):
+    """Cityscapes: ``root/leftImg8bit/SPLIT/CITY/*_leftImg8bit.png`` with labels
+    ``root/gtFine/SPLIT/CITY/*_gtFine_labelIds.png``; name ``CITY/CITY_SEQ_FRAME``.
+
+    ``pseudo_label_dir``: read labels from ``pseudo_label_dir/NAME.png`` instead of gtFine, as uint8
+    class indices of ``label_space`` (255 = ignore): the stored probability labels of self-training."""
+
+    kind = "Cityscapes"
+    SPLITS = ("train", "val", "test")
+
+    def __init__(self, root, split: str = "train", label_space: LabelSpace = CITYSCAPES19,
+                 transform=None, with_labels: bool = True, pseudo_label_dir=None):
+        root = Path(root)
+        if split not in self.SPLITS:
+            raise DigaError(f"unknown Cityscapes split {split!r}; choose {', '.join(self.SPLITS)}")
+        _require_dir(root, f"Cityscapes root {root} does not exist or is not a folder")
+        image_root = _require_dir(root / "leftImg8bit" / split,
+                                  f"Cityscapes root {root} has no leftImg8bit/{split}/ folder")
+        use_gt = with_labels and pseudo_label_dir is None
+        label_root = root / "gtFine" / split
+        if use_gt:
+            _require_dir(label_root, f"Cityscapes root {root} has no gtFine/{split}/ folder")
+        pseudo_root = Path(pseudo_label_dir) if pseudo_label_dir is not None else None
+        if with_labels and pseudo_root is not None:
+            _require_dir(pseudo_root, f"pseudo-label folder {pseudo_root} does not exist")
+        suffix = "_leftImg8bit.png"
+        samples = []
+        for city in sorted(d.name for d in os.scandir(image_root) if d.is_dir()):
+            with os.scandir(image_root / city) as entries:
+                stems = sorted(e.name[: -len(suffix)] for e in entries if e.name.endswith(suffix))
+            for stem in stems:
+                name = f"{city}/{stem}"
+                image = image_root / city / f"{stem}{suffix}"
+                label = None
+                if use_gt:
+                    label = label_root / city / f"{stem}_gtFine_labelIds.png"
+                elif with_labels:
+                    label = pseudo_root / f"{name}.png"
+                if label is not None and not label.is_file():
+                    raise DigaError(f"image {image} has no label file {label}")
+                samples.append(Sample(name, image, label))
+        if not samples:
+            raise DigaError(f"no *{suffix} images in the city folders of {image_root}")
+        super().__init__(samples, label_space, transform, with_labels)
+        self.root, self.split, self.pseudo_label_dir = root, split, pseudo_root
+        self._lut = label_space.cityscapes_id_lut()
+
+    def read_label(self, path: Path) -> np.ndarray:
+        if self.pseudo_label_dir is None:
+            return self._lut[self._read_label_ids(path, CITYSCAPES_MAX_ID, "Cityscapes")]
+        labels = read_png(path, what="pseudo-label")
+        if labels.ndim != 2:
+            raise DigaError(f"pseudo-label {path} has {labels.shape[2]} channels; "
+                            "expected one channel of class indices")
+        bad = labels[(labels >= self.label_space.num_classes) & (labels != IGNORE_INDEX)]
+        if bad.size:
+            raise DigaError(f"pseudo-label {path} has value {int(bad.max())}, not a class index "
+                            f"0..{self.label_space.num_classes - 1} or {IGNORE_INDEX}")
+        return labels.astype(np.uint8)
+
+
+class ImageFolder(SegmentationDataset):
+    """Every image (``IMAGE_EXTENSIONS``, any case) under ``root``, recursively, sorted by relative
+    path; hidden files and folders (leading ``.``) are skipped. ``root`` may also be one image file.
+    Name = the relative path without extension; two files that differ only in extension are an
+    error. Images are converted to RGB uint8 by :func:`to_rgb_uint8`. No labels."""
+
+    kind = "image folder"
+
+    def __init__(self, root, transform=None, label_space: LabelSpace = CITYSCAPES19):
+        root = Path(root)
+        if root.is_file():
+            if root.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise DigaError(f"{root} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+            files = [(root.stem, root)]
+        else:
+            _require_dir(root, f"image folder {root} does not exist")
+            files = []
+            for folder, dirs, names in os.walk(root):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for file in names:
+                    extension = os.path.splitext(file)[1].lower()
+                    if not file.startswith(".") and extension in IMAGE_EXTENSIONS:
+                        path = Path(folder) / file
+                        files.append((path.relative_to(root).with_suffix("").as_posix(), path))
+            files.sort()
+            if not files:
+                raise DigaError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+            for (a, pa), (b, pb) in zip(files, files[1:]):
+                if a == b:
+                    raise DigaError(f"{pa} and {pb} would both be named {a!r}; rename one of them")
+        super().__init__([Sample(n, p, None) for n, p in files], label_space, transform,
+                         with_labels=False)
+        self.root = root

@@ -1,0 +1,52 @@
+"""Shared helpers for the kernels: backend resolution (the contract's ``backend=`` argument), launch
+sizes, and the one Triton helper every kernel uses to address a pixel of a [B, C, H, W] tensor of any
+strides (NCHW, channels_last, sliced views) without copying it."""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BACKENDS = ("triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (how CI tests them without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
+    """``None`` → "triton" for CUDA tensors, "torch" otherwise; "triton" on CPU only when interpreting."""
+    if backend is None:
+        return "triton" if tensor.is_cuda else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected None, 'triton' or 'torch'")
+    if backend == "triton" and not tensor.is_cuda and not interpreting():
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, set before the kernels are "
+            f"imported, to run the Triton interpreter on CPU); got a tensor on {tensor.device}"
+        )
+    return backend
+
+
+def pixels_contiguous(t: torch.Tensor) -> bool:
+    """Whether the pixels of one channel of a [..., H, W] tensor are one contiguous run (w stride 1,
+    h stride W): the kernels then index pixels by a flat offset the compiler can vectorise."""
+    h, w = t.shape[-2], t.shape[-1]
+    return (w == 1 or t.stride(-1) == 1) and (h == 1 or t.stride(-2) == w)
+
+
+def check_k(k: int) -> None:
+    if not 1 <= k <= 64:
+        raise ValueError(f"the kernels support 1 to 64 classes, got {k}")
+
+
+@triton.jit
+def pixel_offsets(offs_p, W, stride_h, stride_w, CONTIGUOUS: tl.constexpr):
+    """Element offsets of flat pixel indices ``offs_p`` (h * W + w) in a tensor with the given
+    h/w strides; a flat index itself when the pixels are contiguous."""
+    if CONTIGUOUS:
+        return offs_p
+    else:
+        return (offs_p // W) * stride_h + (offs_p % W) * stride_w

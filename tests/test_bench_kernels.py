@@ -1,0 +1,51 @@
+"""The kernel bench runs on a CPU (PyTorch paths only) and appends well-formed CSV rows."""
+
+import csv
+import importlib.util
+
+from click.testing import CliRunner
+
+from diga_fast.benchmarks import kernels
+from diga_fast.cli.bench import KERNEL_OPS, bench
+
+TINY = {
+    "assign_centroids": [(1, 8, 5, 7)],
+    "consensus_cross_entropy": [(1, 19, 8, 9)],
+    "crdomix_blend": [(2, 3, 6, 5)],
+    "class_feature_sums": [(1, 8, 5, 7)],
+}
+
+
+def test_run_appends_rows(tmp_path):
+    out = tmp_path / "results" / "kernels.csv"
+    rows = kernels.run(quick=True, csv_path=out, plot_path=None, ops=None, dtypes=["fp32", "bf16"],
+                       shapes=TINY, budget_s=0.0, print_table=False)
+    assert {r["op"] for r in rows} == set(kernels.OPS) == set(KERNEL_OPS)
+    assert {r["dtype"] for r in rows} == {"fp32", "bf16"}
+    with out.open() as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows)
+    for row in written:
+        assert set(kernels.CSV_COLUMNS) <= set(row)
+        assert float(row["ms_p20"]) <= float(row["ms_p50"]) <= float(row["ms_p80"])
+        assert float(row["gbps"]) > 0 and row["device"] and row["torch"]
+    torch_rows = [r for r in written if r["impl"] == "torch"]
+    assert torch_rows and all(float(r["speedup_vs_torch"]) == 1.0 for r in torch_rows)
+    # A second run appends below the same header, and draws the plot when matplotlib is there.
+    plot = tmp_path / "kernels.png"
+    more = kernels.run(quick=True, csv_path=out, plot_path=plot, ops=["crdomix_blend"], shapes=TINY,
+                       budget_s=0.0, print_table=False)
+    with out.open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows) + len(more)
+    assert plot.exists() or importlib.util.find_spec("matplotlib") is None
+
+
+def test_cli_kernels(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "run", lambda **kwargs: calls.append(kwargs) or [])
+    result = CliRunner().invoke(bench, ["kernels", "--quick", "--csv", str(tmp_path / "k.csv"),
+                                        "--op", "crdomix_blend", "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"quick": True, "csv_path": str(tmp_path / "k.csv"), "plot_path": None,
+                      "ops": ["crdomix_blend"], "dtypes": ["bf16"]}]
+    assert CliRunner().invoke(bench, ["kernels", "--dtype", "fp8"]).exit_code != 0

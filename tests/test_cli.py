@@ -1,0 +1,216 @@
+"""The ``diga`` command end to end on tiny data: training, resume, eval, predict, data synth, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from diga_fast.cli.main import main
+
+TINY = ("data.synthetic_train_images=8", "data.synthetic_val_images=3", "data.batch_size=2", "data.num_workers=0",
+        "train.log_every=1")
+
+
+def run(capsys, *argv):
+    """Run ``diga ARGV`` in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(list(map(str, argv)))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    """Progress lines may precede it; the error itself is one line, the last, with no traceback."""
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("diga: error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "source"
+    main_args = ["train", "source", "--out", str(out), "--iters", "4", *TINY]
+    try:
+        main(main_args)
+    except SystemExit as stop:  # pragma: no cover - a failure shows up in the assertions below
+        assert not stop.code
+    return out
+
+
+def test_train_source_writes_a_complete_run(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "model.safetensors", "state.pt", "metrics.jsonl", "eval.json"} <= names
+    config = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert config["train"]["iters"] == 4 and config["data"]["batch_size"] == 2 and config["model"]["arch"] == "small"
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert 0.0 <= json.loads((trained_run / "eval.json").read_text())["miou"] <= 100.0
+    assert torch.load(trained_run / "state.pt", weights_only=False)["step"] == 4
+    assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_nan_stops_cleanly_and_resume_is_exact(tmp_path, capsys, monkeypatch, trained_run):
+    """A NaN loss at step 3 stops the run with one line and keeps the step-2 checkpoint; --resume
+    then ends with the same weights as the uninterrupted 4-step run."""
+    import diga_fast.method.source_only as stage
+
+    real_loss, calls = stage.segmentation_cross_entropy, []
+
+    def loss_with_nan_at_step_3(logits, labels):
+        calls.append(1)
+        loss = real_loss(logits, labels)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(stage, "segmentation_cross_entropy", loss_with_nan_at_step_3)
+    code, _, err = run(capsys, "train", "source", "--out", out, "--iters", "4", *TINY, "train.save_every=2")
+    assert_one_line_error(code, err, "loss is nan at step 3", "step 2")
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(stage, "segmentation_cross_entropy", real_loss)
+    code, _, err = run(capsys, "train", "source", "--out", out, "--resume")
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 4]
+    from safetensors.torch import load_file
+
+    resumed, straight = load_file(str(out / "model.safetensors")), load_file(str(trained_run / "model.safetensors"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_an_existing_run_is_not_overwritten(capsys, trained_run):
+    before = (trained_run / "state.pt").read_bytes()
+    code, _, err = run(capsys, "train", "source", "--out", trained_run, "--iters", "2", *TINY)
+    assert_one_line_error(code, err, "already holds a run", "--resume")
+    assert (trained_run / "state.pt").read_bytes() == before
+
+
+def test_eval_checkpoint_json(tmp_path, capsys, trained_run):
+    out = tmp_path / "eval.json"
+    code, stdout, err = run(capsys, "eval", "--checkpoint", trained_run, "--target", "synthetic",
+                            "--synthetic-images", "2", "--scales", "1.0,0.5", "--json", out)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert set(result) == {"miou", "iou", "num_classes"} and result["num_classes"] == 19
+    assert "road" in result["iou"] and "mIoU" in stdout
+
+
+def test_predict_folder_of_mixed_images(tmp_path, capsys, trained_run):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)).save(images / "a.png")
+    Image.fromarray(rng.integers(0, 255, (30, 41), dtype=np.uint8)).save(images / "sub" / "gray.jpg")
+    Image.fromarray(rng.integers(0, 255, (25, 25, 4), dtype=np.uint8)).save(images / "sub" / "rgba.png")
+    out = tmp_path / "pred"
+    code, _, err = run(capsys, "predict", "--checkpoint", trained_run / "model.safetensors", "--images", images,
+                       "--out", out, "--overlay")
+    assert code == 0, err
+    label_ids = np.array(Image.open(out / "sub" / "gray_labelIds.png"))
+    assert label_ids.shape == (30, 41)
+    assert set(np.unique(label_ids)) <= {7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33}
+    assert np.array(Image.open(out / "a_color.png")).shape == (37, 53, 3)
+    assert (out / "sub" / "rgba_overlay.png").is_file()
+
+
+def test_data_synth_round_trips_through_the_real_loaders(tmp_path, capsys):
+    root = tmp_path / "synth"
+    code, _, err = run(capsys, "data", "synth", "--out", root, "--train-images", "4", "--val-images", "2")
+    assert code == 0, err
+    assert len(list((root / "gta5" / "images").glob("*.png"))) == 4
+    assert len(list((root / "cityscapes" / "gtFine" / "val").rglob("*_gtFine_labelIds.png"))) == 2
+    run_dir = tmp_path / "real"
+    code, _, err = run(capsys, "train", "source", "--source", f"gta5:{root / 'gta5'}", "--target",
+                       f"cityscapes:{root / 'cityscapes'}", "--preset", "demo", "--iters", "2", "--out", run_dir,
+                       "data.batch_size=2", "data.num_workers=0")
+    assert code == 0, err
+    # predictions written by `diga predict` evaluate through --pred-dir like the checkpoint itself
+    pred = tmp_path / "pred"
+    code, _, err = run(capsys, "predict", "--checkpoint", run_dir, "--images", root / "cityscapes" / "leftImg8bit" / "val",
+                       "--out", pred)
+    assert code == 0, err
+    via_pngs, via_model = tmp_path / "a.json", tmp_path / "b.json"
+    code, _, err = run(capsys, "eval", "--pred-dir", pred, "--target", f"cityscapes:{root / 'cityscapes'}", "--json", via_pngs)
+    assert code == 0, err
+    code, _, err = run(capsys, "eval", "--checkpoint", run_dir, "--target", f"cityscapes:{root / 'cityscapes'}", "--json", via_model)
+    assert code == 0, err
+    assert json.loads(via_pngs.read_text()) == json.loads(via_model.read_text())
+
+
+def test_eval_pred_dir_of_ground_truth_is_perfect(tmp_path, capsys):
+    from diga_fast.data.layouts import write_cityscapes_layout
+    from diga_fast.data.synthetic import render_scene
+
+    root = tmp_path / "cs"
+    write_cityscapes_layout(root, "val", [render_scene("target", "val", i, 0) for i in range(2)])
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for gt in (root / "gtFine" / "val").rglob("*_labelIds.png"):
+        (pred / ("result_" + gt.name)).write_bytes(gt.read_bytes())
+    out = tmp_path / "miou.json"
+    code, _, err = run(capsys, "eval", "--pred-dir", pred, "--target", f"cityscapes:{root}", "--json", out)
+    assert code == 0, err
+    assert json.loads(out.read_text())["miou"] == pytest.approx(100.0)
+    next(pred.iterdir()).unlink()
+    code, _, err = run(capsys, "eval", "--pred-dir", pred, "--target", f"cityscapes:{root}")
+    assert_one_line_error(code, err, "have no prediction")
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["train", "source", "--out", "{tmp}/r", "--source", "gta5:{tmp}/nowhere"], ["dataset folder not found", "nowhere"]),
+        (["train", "source", "--out", "{tmp}/r", "--source", "kitti:{tmp}"], ["unknown dataset", "kitti"]),
+        (["train", "source", "--out", "{tmp}/r", "optim.lr=fast"], ["optim.lr: expected a number"]),
+        (["train", "source", "--out", "{tmp}/r", "--bogus"], ["No such option", "--bogus"]),
+        (["train", "source", "--out", "{tmp}/r", "--model", "vgg"], ["--model", "vgg"]),
+        (["train", "source", "--out", "{tmp}/r", "--device", "cuda:7"], ["--device"]),
+        (["train", "source", "--out", "{tmp}/r", "--resume"], ["--resume", "state.pt"]),
+        (["eval", "--checkpoint", "{tmp}/missing.safetensors"], ["checkpoint not found"]),
+        (["eval", "--checkpoint", "{tmp}/junk.safetensors"], ["not a diga-fast checkpoint", "junk.safetensors"]),
+        (["predict", "--checkpoint", "{tmp}/junk.safetensors", "--images", "{tmp}", "--out", "{tmp}/p"], ["junk.safetensors"]),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, argv, fragments):
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, capsys, trained_run):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(trained_run / "model.safetensors"))
+    first = next(iter(state))
+    state[first] = torch.zeros(3)
+    meta = {"format": "diga-fast/1", "arch": "small", "num_classes": "19", "label_space": "cityscapes19", "recipe": ""}
+    save_file(state, str(tmp_path / "other.safetensors"), metadata=meta)
+    code, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "other.safetensors", "--synthetic-images", "1")
+    assert_one_line_error(code, err, "does not fit", first)
+
+
+def test_predict_reports_a_corrupt_image(tmp_path, capsys, trained_run):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    code, _, err = run(capsys, "predict", "--checkpoint", trained_run, "--images", images, "--out", tmp_path / "p")
+    assert_one_line_error(code, err, "broken.png")
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "diga_fast.cli.main", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout and "demo" in result.stdout

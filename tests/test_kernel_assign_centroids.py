@@ -1,0 +1,128 @@
+"""assign_centroids: Triton (interpreted on CPU, compiled on a GPU) and the torch path against an
+independent float64 computation (per-class broadcasting, no einsum, no expansion of the distance)."""
+
+import pytest
+import torch
+
+from diga_fast.kernels import assign_centroids, assign_centroids_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def exact_similarity(features, centroids, metric):
+    """[B, K, H, W] in float64: cosine similarity (higher is better) or minus the distance."""
+    f = features.double()
+    c = centroids.double()[None, :, :, None, None]  # [1, K, C, 1, 1]
+    if metric == "cosine":
+        f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        c = c / c.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        return (f[:, None] * c).sum(dim=2)
+    return -(f[:, None] - c).norm(dim=2)
+
+
+def exact_score(sim, metric):
+    best = sim.max(dim=1).values
+    return best if metric == "cosine" else -best
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("B,C,H,W,K", [(2, 37, 13, 17, 19), (1, 70, 9, 31, 16), (2, 5, 3, 1, 3)])
+def test_matches_exact(B, C, H, W, K, dtype, metric, backend):
+    torch.manual_seed(0)
+    features = torch.randn(B, C, H, W, device=DEVICE).to(dtype)
+    centroids = torch.randn(K, C, device=DEVICE)
+
+    labels, score = assign_centroids(features, centroids, metric, backend=backend)
+    assert labels.shape == score.shape == (B, H, W)
+    assert labels.dtype == torch.int64 and score.dtype == torch.float32
+    assert labels.min() >= 0 and labels.max() < K
+
+    sim = exact_similarity(features, centroids, metric)  # of the (rounded) inputs themselves
+    expected = exact_score(sim, metric)
+    # FlashAttention-style bound: at most twice the error of PyTorch computing in the input dtype.
+    _, lowp_score = assign_centroids_ref(features, centroids.to(dtype), metric, upcast=False)
+    lowp_err = (lowp_score.double() - expected).abs().max().item()
+    tol = 2 * lowp_err + ATOL[dtype] * max(1.0, expected.abs().max().item())
+    assert (score.double() - expected).abs().max().item() <= tol
+    # The chosen centroid is as good as the best one, up to the same tolerance ...
+    picked = sim.gather(1, labels[:, None])[:, 0]
+    assert (sim.max(dim=1).values - picked).max().item() <= tol
+    # ... and, in fp32, it is the exact argmax (these random shapes have no near-ties).
+    if dtype == torch.float32:
+        assert torch.equal(labels, sim.argmax(dim=1))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_ties_go_to_lowest_index(metric, backend):
+    torch.manual_seed(1)
+    K, C = 19, 37
+    centroids = torch.randn(K, C, device=DEVICE)
+    centroids[5] = centroids[2]
+    centroids[11] = centroids[2]
+    features = torch.randn(2, C, 5, 7, device=DEVICE)
+    features[:, :, :2] = centroids[2][None, :, None, None]  # exactly on the duplicated centroid
+    labels, _ = assign_centroids(features, centroids, metric, backend=backend)
+    assert (labels[:, :2] == 2).all()
+    assert not ((labels == 5) | (labels == 11)).any()
+    # All centroids equal: every pixel ties across all classes.
+    labels, _ = assign_centroids(features, centroids[2].expand(K, C).contiguous(), metric, backend=backend)
+    assert (labels == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_zero_vectors(backend):
+    torch.manual_seed(2)
+    centroids = torch.randn(19, 37, device=DEVICE)
+    features = torch.zeros(2, 37, 3, 5, device=DEVICE)
+    labels, score = assign_centroids(features, centroids, "cosine", backend=backend)
+    assert (labels == 0).all() and (score == 0).all() and not score.isnan().any()
+    labels, score = assign_centroids(features, centroids, "l2", backend=backend)
+    norms = centroids.double().norm(dim=1)
+    assert (labels == norms.argmin()).all()
+    torch.testing.assert_close(score, norms.min().float().expand_as(score), rtol=1e-5, atol=1e-5)
+    # A zero centroid wins (score 0) where every other centroid points away from the feature.
+    centroids = torch.zeros(3, 4, device=DEVICE)
+    centroids[0, 0] = 1.0
+    centroids[1, 1] = 1.0
+    features = torch.zeros(1, 4, 2, 3, device=DEVICE)
+    features[:, 0] = -1.0
+    features[:, 1] = -1.0
+    labels, score = assign_centroids(features, centroids, "cosine", backend=backend)
+    assert (labels == 2).all() and (score == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
+def test_non_contiguous(layout, backend):
+    torch.manual_seed(3)
+    base = torch.randn(2, 74, 13, 36, device=DEVICE)
+    features = {
+        "channels_last": base[:, :37, :, :17].contiguous().to(memory_format=torch.channels_last),
+        "sliced": base[:, ::2, :, 1::2],  # every other channel and column
+        "transposed": base[:, :37].transpose(2, 3),
+    }[layout]
+    centroids = torch.randn(19, 37, device=DEVICE)[:, :]
+    for metric in ("cosine", "l2"):
+        labels, score = assign_centroids(features, centroids, metric, backend=backend)
+        sim = exact_similarity(features, centroids, metric)
+        assert torch.equal(labels, sim.argmax(dim=1))
+        torch.testing.assert_close(score.double(), exact_score(sim, metric), rtol=1e-5, atol=1e-5)
+
+
+def test_backend_resolution(monkeypatch):
+    features, centroids = torch.randn(1, 4, 2, 3), torch.randn(3, 4)
+    labels, score = assign_centroids(features, centroids)  # CPU tensors → the torch reference
+    ref_labels, ref_score = assign_centroids_ref(features, centroids)
+    assert torch.equal(labels, ref_labels) and torch.equal(score, ref_score)
+    with pytest.raises(ValueError, match="backend"):
+        assign_centroids(features, centroids, backend="cuda")
+    with pytest.raises(ValueError, match="metric"):
+        assign_centroids(features, centroids, metric="dot")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        assign_centroids(features, centroids, backend="triton")

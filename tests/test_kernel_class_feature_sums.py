@@ -1,0 +1,115 @@
+"""class_feature_sums: against a float64 per-image, per-class masked-sum loop (the official code's
+formulation), including labels outside [0, K), the ignore index and empty classes."""
+
+import pytest
+import torch
+
+from diga_fast.kernels import class_feature_sums, class_feature_sums_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def loop_sums(features, labels, K, ignore_index=255):
+    B, C = features.shape[:2]
+    sums = torch.zeros(B, K, C, dtype=torch.float64)
+    counts = torch.zeros(B, K, dtype=torch.int64)
+    for b in range(B):
+        f = features[b].double().cpu().flatten(1)  # [C, H*W]
+        lab = labels[b].long().cpu().flatten()
+        for k in range(K):
+            if k == ignore_index:
+                continue
+            mask = lab == k
+            sums[b, k] = f[:, mask].sum(dim=1)
+            counts[b, k] = int(mask.sum())
+    return sums.to(DEVICE), counts.to(DEVICE)
+
+
+def make_labels(B, H, W, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(-2, K + 3, (B, H, W), generator=g)  # includes -2, -1, K, K+1, K+2
+    labels[:, 0] = 255
+    labels[labels == K - 1] = 0  # class K-1 is absent: its sums and counts stay zero
+    return labels.to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("B,C,H,W,K", [(2, 37, 13, 17, 19), (1, 70, 9, 31, 16), (2, 5, 3, 1, 64)])
+def test_matches_loop(B, C, H, W, K, dtype, backend):
+    torch.manual_seed(0)
+    features = torch.randn(B, C, H, W, device=DEVICE).to(dtype)
+    labels = make_labels(B, H, W, K)
+    sums, counts = class_feature_sums(features, labels.int(), K, backend=backend)
+    assert sums.dtype == torch.float32 and sums.shape == (B, K, C)
+    assert counts.dtype == torch.int64 and counts.shape == (B, K)
+
+    ref_sums, ref_counts = loop_sums(features, labels, K)
+    assert torch.equal(counts, ref_counts)
+    assert (counts[:, K - 1] == 0).all() and (sums[:, K - 1] == 0).all()
+    # The inputs are exact in fp32, so PyTorch's own error is fp32 summation only.
+    torch_err = (class_feature_sums_ref(features, labels, K)[0].double() - ref_sums).abs().max().item()
+    tol = 2 * torch_err + 1e-5 * max(1.0, ref_sums.abs().max().item())
+    assert (sums.double() - ref_sums).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_float64_is_exact(backend):
+    torch.manual_seed(1)
+    features = torch.randn(2, 37, 13, 17, dtype=torch.float64, device=DEVICE)
+    labels = make_labels(2, 13, 17, 19, seed=1)
+    sums, counts = class_feature_sums(features, labels, 19, backend=backend)
+    ref_sums, ref_counts = loop_sums(features, labels, 19)
+    assert sums.dtype == torch.float64
+    assert torch.equal(counts, ref_counts)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ignore_index_and_empty(backend):
+    torch.manual_seed(2)
+    features = torch.randn(2, 37, 5, 9, device=DEVICE)
+    labels = make_labels(2, 5, 9, 19, seed=2)
+    # An ignore index inside [0, K) removes that class.
+    sums, counts = class_feature_sums(features, labels, 19, ignore_index=3, backend=backend)
+    ref_sums, ref_counts = loop_sums(features, labels, 19, ignore_index=3)
+    assert (counts[:, 3] == 0).all() and torch.equal(counts, ref_counts)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
+    # Nothing labelled: all zeros, no NaN.
+    sums, counts = class_feature_sums(features, torch.full_like(labels, 255), 19, backend=backend)
+    assert (sums == 0).all() and (counts == 0).all()
+    if backend == "triton":  # the kernel never reads the features of unlabelled pixels
+        features[:, :, 0] = float("nan")
+        labels[:, 0] = 255
+        sums, _ = class_feature_sums(features, labels, 19, backend=backend)
+        assert not sums.isnan().any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_non_contiguous(layout, backend):
+    torch.manual_seed(3)
+    if layout == "channels_last":
+        features = torch.randn(2, 37, 13, 17, device=DEVICE).to(memory_format=torch.channels_last)
+        labels = make_labels(2, 13, 17, 19, seed=3).to(torch.uint8)  # -2, -1 wrap to 254, 255
+    else:
+        features = torch.randn(2, 74, 13, 34, device=DEVICE)[:, 1::2, :, ::2]
+        labels = make_labels(2, 13, 34, 19, seed=3)[..., ::2]
+    sums, counts = class_feature_sums(features, labels, 19, backend=backend)
+    ref_sums, ref_counts = loop_sums(features, labels, 19)
+    assert torch.equal(counts, ref_counts)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_resolution(monkeypatch):
+    features, labels = torch.randn(1, 4, 2, 3), torch.zeros(1, 2, 3, dtype=torch.long)
+    for got, want in zip(class_feature_sums(features, labels, 3), class_feature_sums_ref(features, labels, 3)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="backend"):
+        class_feature_sums(features, labels, 3, backend="gpu")
+    with pytest.raises(ValueError, match="classes"):
+        class_feature_sums(features, labels, 65)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        class_feature_sums(features, labels, 3, backend="triton")

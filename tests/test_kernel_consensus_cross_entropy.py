@@ -1,0 +1,142 @@
+"""consensus_cross_entropy: forward and hand-written backward against an independent float64
+log-softmax/gather computation differentiated by autograd."""
+
+import pytest
+import torch
+
+from diga_fast.kernels import consensus_cross_entropy, consensus_cross_entropy_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def exact_loss(logits, prob, feat, ignore_index=255):
+    """float64 mean CE over pixels with prob == feat != ignore_index and prob in [0, K)."""
+    K = logits.shape[1]
+    prob, feat = prob.long(), feat.long()
+    valid = (prob == feat) & (prob != ignore_index) & (prob >= 0) & (prob < K)
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    nll = -log_p.gather(1, prob.clamp(0, K - 1)[:, None])[:, 0]
+    return (nll * valid).sum() / max(int(valid.sum()), 1)
+
+
+def make_labels(B, K, H, W, agree=0.7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prob = torch.randint(0, K, (B, H, W), generator=g)
+    prob[:, 0, : W // 2] = 255  # an ignore strip
+    other = torch.randint(0, K, (B, H, W), generator=g)
+    feat = torch.where(torch.rand(B, H, W, generator=g) < agree, prob, other)
+    return prob.to(DEVICE), feat.to(DEVICE)
+
+
+def loss_and_grad(fn, logits, *args, scale=1.0, **kwargs):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss * scale, x)
+    return loss, grad
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64], ids=["u8", "i32", "i64"])
+@pytest.mark.parametrize("B,K,H,W", [(2, 19, 13, 17), (1, 16, 7, 33), (2, 64, 3, 5)])
+def test_matches_exact(B, K, H, W, label_dtype, dtype, backend):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(B, K, H, W, device=DEVICE)).to(dtype)
+    prob, feat = make_labels(B, K, H, W)
+    prob, feat = prob.to(label_dtype), feat.to(label_dtype)
+
+    loss, grad = loss_and_grad(consensus_cross_entropy, logits, prob, feat, backend=backend, scale=1.7)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert grad.dtype == dtype and grad.shape == logits.shape
+
+    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, feat, scale=1.7)
+    lowp_loss, lowp_grad = loss_and_grad(consensus_cross_entropy_ref, logits, prob, feat, scale=1.7, upcast=False)
+    loss_tol = 2 * (lowp_loss.double() - ref_loss).abs().item() + ATOL[dtype] * ref_loss.abs().item()
+    assert (loss.double() - ref_loss).abs().item() <= loss_tol
+    grad_tol = 2 * (lowp_grad.double() - ref_grad).abs().max().item() + ATOL[dtype] * ref_grad.abs().max().item()
+    assert (grad.double() - ref_grad).abs().max().item() <= grad_tol
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", ["all_ignore", "all_disagree", "out_of_range"])
+def test_no_valid_pixel_gives_exact_zero(case, backend):
+    torch.manual_seed(1)
+    B, K, H, W = 2, 19, 5, 7
+    logits = 10 * torch.randn(B, K, H, W, device=DEVICE)
+    prob, _ = make_labels(B, K, H, W)
+    prob = prob.clamp(max=K - 1)
+    feat = {
+        "all_ignore": torch.full_like(prob, 255),
+        "all_disagree": (prob + 1) % K,
+        "out_of_range": prob,
+    }[case]
+    if case == "all_ignore":
+        prob = feat
+    if case == "out_of_range":  # labels K..254 and negatives are not classes: ignored, not an error
+        prob = torch.where(prob % 2 == 0, torch.full_like(prob, K), torch.full_like(prob, -3))
+        feat = prob
+    loss, grad = loss_and_grad(consensus_cross_entropy, logits, prob, feat, backend=backend)
+    assert loss.item() == 0.0 and not loss.isnan()
+    assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_custom_ignore_index(backend):
+    torch.manual_seed(2)
+    B, K, H, W = 2, 19, 6, 9
+    logits = torch.randn(B, K, H, W, device=DEVICE)
+    prob, feat = make_labels(B, K, H, W, agree=0.8)
+    prob = torch.where(prob == 255, torch.full_like(prob, 3), prob)
+    feat = torch.where(feat == 255, torch.full_like(feat, 3), feat)
+    loss, grad = loss_and_grad(consensus_cross_entropy, logits, prob, feat, ignore_index=3, backend=backend)
+    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, feat, ignore_index=3)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_non_contiguous(layout, backend):
+    torch.manual_seed(3)
+    B, K, H, W = 2, 19, 9, 13
+    if layout == "channels_last":
+        logits = torch.randn(B, K, H, W, device=DEVICE).to(memory_format=torch.channels_last)
+        prob, feat = make_labels(B, K, H, W)
+    else:  # every other class plane and column; labels sliced the same way
+        logits = torch.randn(B, 2 * K, H, 2 * W, device=DEVICE)[:, ::2, :, ::2]
+        prob, feat = make_labels(B, K, H, 2 * W)
+        prob, feat = prob[..., ::2], feat[..., ::2]
+    loss, grad = loss_and_grad(consensus_cross_entropy, logits, prob, feat, backend=backend)
+    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, feat)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gradcheck_float64(backend):
+    torch.manual_seed(4)
+    B, K, H, W = 1, 5, 3, 4
+    logits = torch.randn(B, K, H, W, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    prob, feat = make_labels(B, K, H, W, agree=0.6, seed=4)
+    prob[0, 1, 1] = feat[0, 1, 1] = 2  # at least one valid pixel
+    assert consensus_cross_entropy(logits, prob, feat, backend=backend).dtype == torch.float64
+    assert torch.autograd.gradcheck(
+        lambda x: consensus_cross_entropy(x, prob, feat, backend=backend), (logits,), eps=1e-6, atol=1e-7
+    )
+
+
+def test_backend_resolution(monkeypatch):
+    logits = torch.randn(1, 3, 2, 2)
+    prob = torch.zeros(1, 2, 2, dtype=torch.long)
+    assert torch.equal(
+        consensus_cross_entropy(logits, prob, prob), consensus_cross_entropy_ref(logits, prob, prob)
+    )
+    with pytest.raises(ValueError, match="backend"):
+        consensus_cross_entropy(logits, prob, prob, backend="numpy")
+    with pytest.raises(ValueError, match="label"):
+        consensus_cross_entropy(logits, prob[0], prob)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        consensus_cross_entropy(logits, prob, prob, backend="triton")
