@@ -27,3 +27,36 @@ def train_source_command(out, device, resume, **options) -> None:
     console = Console()
     console.print(iou_table(summary, title=f"target val ({recipe.data.target}) after {recipe.train.iters} iterations"))
     console.print(f"run folder: {out}")
+
+
+@train.command("warmup")
+@training_options
+def train_warmup_command(out, device, resume, **options) -> None:
+    """DiGA stage 1: CE on the source + two-way distillation between the clean and the CrDoMix
+    view with an EMA teacher (source data only; the target feeds the FDA translator).
+
+    Ablations: warmup.distill=false, warmup.crdomix=false, translator.kind=fda|cyclegan."""
+    from diga_fast.evaluate import iou_table
+    from diga_fast.method.warmup import train_warmup
+
+    recipe = resolve_recipe("warmup", out=out, resume=resume, **options)
+    summary = train_warmup(recipe, out, device=device, resume=resume)
+    Console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after {recipe.train.iters} warm-up iterations"))
+    Console().print(f"run folder: {out}")
+
+
+@train.command("translator")
+@training_options
+def train_translator_command(out, device, resume, **options) -> None:
+    """Train the source->target image translator (Stage 0, CycleGAN-style) on --source/--target.
+
+    The perceptual term needs a local torchvision VGG state dict: translator.vgg_weights=FILE.
+    Use the result in later stages with translator.kind=cyclegan translator.checkpoint=RUN."""
+    from diga_fast.method.translator_training import train_translator
+
+    recipe = resolve_recipe("translator", out=out, resume=resume, **options)
+    summary = train_translator(recipe, out, device=device, resume=resume)
+    console = Console()
+    console.print(f"translator saved: {summary['translator']} ({summary['iters']} iterations, "
+                  f"perceptual loss {'on' if summary['perceptual'] else 'off'})", highlight=False)
+    console.print(f"run folder: {out}")

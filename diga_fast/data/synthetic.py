@@ -42,16 +42,14 @@ DEFAULT_SIZE = (128, 256)
 
 _C = {name: k for k, name in enumerate(CITYSCAPES19.classes)}
 ROAD, SIDEWALK, BUILDING, FENCE, POLE = _C["road"], _C["sidewalk"], _C["building"], _C["fence"], _C["pole"]
-LIGHT, SIGN, VEGETATION, TERRAIN, SKY = (
-    _C["traffic light"], _C["traffic sign"], _C["vegetation"], _C["terrain"], _C["sky"]
-)
+SIGN, VEGETATION, TERRAIN, SKY = _C["traffic sign"], _C["vegetation"], _C["terrain"], _C["sky"]
 PERSON, CAR = _C["person"], _C["car"]
 #: The class indices the generator can produce (no 255: every pixel is labelled).
-SYNTHETIC_CLASSES = (ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR)
+SYNTHETIC_CLASSES = (ROAD, SIDEWALK, BUILDING, FENCE, POLE, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR)
 
 # Materials: what a labelled part is made of (the painter colours materials, the label is the class).
 (M_ROAD, M_SIDEWALK, M_TERRAIN, M_SKY, M_FACADE, M_HEDGE, M_CROWN, M_TRUNK, M_FENCE, M_POLE, M_SIGN,
- M_LIGHT, M_SKIN, M_CLOTH, M_CAR_BODY, M_CAR_GLASS, M_CAR_LAMP, M_WHEEL) = range(18)
+ M_SKIN, M_CLOTH, M_CAR_BODY, M_CAR_GLASS, M_CAR_LAMP, M_WHEEL) = range(17)
 _STUFF = ((M_ROAD, ROAD), (M_SIDEWALK, SIDEWALK), (M_TERRAIN, TERRAIN), (M_SKY, SKY))
 
 
@@ -74,12 +72,12 @@ class GeometryStyle:
 SOURCE_GEOMETRY = GeometryStyle(
     horizon=(0.40, 0.50), road_half_width=(0.40, 0.62), sidewalk_width=(0.18, 0.32), terrain_prob=0.35,
     segment_probs=(0.75, 0.12, 0.13), building_height=(1.0, 6.0), trees=(0, 4), poles=(1, 5),
-    people=(0, 4), cars=(1, 6), fence_prob=0.3,
+    people=(0, 4), cars=(1, 6), fence_prob=0.5,
 )
 TARGET_GEOMETRY = GeometryStyle(
     horizon=(0.36, 0.46), road_half_width=(0.36, 0.56), sidewalk_width=(0.20, 0.36), terrain_prob=0.5,
     segment_probs=(0.65, 0.22, 0.13), building_height=(1.5, 7.0), trees=(1, 6), poles=(2, 6),
-    people=(1, 6), cars=(0, 5), fence_prob=0.4,
+    people=(1, 6), cars=(0, 5), fence_prob=0.6,
 )
 
 
@@ -186,9 +184,9 @@ def _side(lay: Layout, rng: np.random.Generator, style: GeometryStyle, sign: int
     lay.height[facade] = ((ground[None, :] - yy) / (t_col[None, :] * (h - h0)))[facade]
     # a fence in front of part of the facades
     if rng.random() < style.fence_prob:
-        ua = rng.uniform(1.0, 4.0)
-        ub = ua * rng.uniform(1.5, 4.0)
-        fence_h = rng.uniform(0.35, 0.7)
+        ua = rng.uniform(1.0, 3.0)
+        ub = ua * rng.uniform(2.0, 6.0)
+        fence_h = rng.uniform(0.5, 1.0)
         cols_f = on_side & (u_col >= ua) & (u_col <= ub)
         ftop = ground - fence_h * t_col * (h - h0)
         m = cols_f[None, :] & (yy >= ftop[None, :]) & (yy < ground[None, :])
@@ -214,8 +212,7 @@ def _pole(lay: Layout, rng: np.random.Generator, x: float, y: float, s: float, w
     pole_w = max(2.5, 0.1 * s)
     top = y - pole_h
     _rect(lay, x - pole_w / 2, x + pole_w / 2, top, y, POLE, lay.new_part(M_POLE))
-    r = rng.random()
-    if r < 0.45:  # traffic sign: a plate or a disc near the top
+    if rng.random() < 0.6:  # traffic sign: a plate or a disc near the top
         sz = max(3.0, rng.uniform(0.35, 0.55) * s)
         cy = top + rng.uniform(0.1, 0.4) * pole_h
         part = lay.new_part(M_SIGN)
@@ -223,9 +220,6 @@ def _pole(lay: Layout, rng: np.random.Generator, x: float, y: float, s: float, w
             _rect(lay, x - sz / 2, x + sz / 2, cy - sz / 2, cy + sz / 2, SIGN, part)
         else:
             _ellipse(lay, x, cy, sz / 2, sz / 2, SIGN, part)
-    elif r < 0.75:  # traffic light: a box at the top
-        bw, bh = max(2.0, rng.uniform(0.2, 0.3) * s), max(4.0, rng.uniform(0.5, 0.7) * s)
-        _rect(lay, x - bw / 2, x + bw / 2, top, top + bh, LIGHT, lay.new_part(M_LIGHT))
 
 
 def _person(lay: Layout, rng: np.random.Generator, x: float, y: float, s: float) -> None:
@@ -320,7 +314,7 @@ def make_layout(rng: np.random.Generator, size: tuple[int, int], style: Geometry
     for _ in range(int(rng.integers(style.people[0], style.people[1] + 1))):
         side = rng.choice([-1, 1])
         a, b = (side_l, road_l) if side < 0 else (road_r, side_r)
-        objs.append((depth(far=0.12), 2, rng.uniform(a, b)))
+        objs.append((depth(far=0.18), 2, rng.uniform(a, b)))
     for _ in range(int(rng.integers(style.cars[0], style.cars[1] + 1))):
         lane = rng.uniform(-0.8, 0.8)
         objs.append((depth(), 3, 0.5 * (road_l + road_r) + lane * 0.5 * (road_r - road_l)))
@@ -366,20 +360,20 @@ SOURCE_LOOK = Look(
         M_SKY: _rgb("5a9ae6", "6eaaf0"), M_FACADE: _rgb("c89650", "8c8cb4", "b45a46", "a0a0aa", "dcc896"),
         M_HEDGE: _rgb("3c961e"), M_CROWN: _rgb("46a028", "329628"), M_TRUNK: _rgb("6e4628"),
         M_FENCE: _rgb("be9664"), M_POLE: _rgb("46464f", "5a5a64"), M_SIGN: _rgb("e6dc14", "1e50c8", "dc2828"),
-        M_LIGHT: _rgb("28281e"), M_SKIN: _rgb("e6b48c", "8c5a3c"), M_CLOTH: _rgb(*_CLOTHES),
+        M_SKIN: _rgb("e6b48c", "8c5a3c"), M_CLOTH: _rgb(*_CLOTHES),
         M_CAR_BODY: _rgb(*_CAR_COLOURS), M_CAR_GLASS: _rgb("5a78a0"), M_CAR_LAMP: _rgb("f01e1e"),
         M_WHEEL: _rgb("141414"),
     },
-    colour_jitter=0.04, textures=0.0, photo=False,
+    colour_jitter=0.06, textures=0.35, photo=False,
 )
 TARGET_LOOK = Look(
     palette={
-        M_ROAD: _rgb("6e6a64", "5f5f5c"), M_SIDEWALK: _rgb("8c8a86", "9a948a"), M_TERRAIN: _rgb("8c9050", "a09a5a"),
-        M_SKY: _rgb("c8ccd2", "a0b4c8", "dcdcdc"), M_FACADE: _rgb("968c7a", "7a6e64", "8c5042", "b4aa96", "6e7072"),
-        M_HEDGE: _rgb("3c4a1e"), M_CROWN: _rgb("465a23", "3a4a28"), M_TRUNK: _rgb("3c3228"),
-        M_FENCE: _rgb("8c8a82", "7a6450"), M_POLE: _rgb("3a3c3a", "4a4640"), M_SIGN: _rgb("c8b41e", "2846a0", "b42828"),
-        M_LIGHT: _rgb("1e1e1c"), M_SKIN: _rgb("c8a082", "6e4632"), M_CLOTH: _rgb(*_CLOTHES),
-        M_CAR_BODY: _rgb(*_CAR_COLOURS), M_CAR_GLASS: _rgb("28323c"), M_CAR_LAMP: _rgb("a01e1e"),
+        M_ROAD: _rgb("646070", "5c5a64"), M_SIDEWALK: _rgb("a08ca0", "9a8c96"), M_TERRAIN: _rgb("8cb45a", "96aa5a"),
+        M_SKY: _rgb("8cb4e6", "a0bedc", "c8d2dc"), M_FACADE: _rgb("b49664", "8c8ca0", "a05a4b", "a0a0a0", "c8b48c"),
+        M_HEDGE: _rgb("3c6e1e"), M_CROWN: _rgb("467828", "3c6e28"), M_TRUNK: _rgb("50402d"),
+        M_FENCE: _rgb("a08c6e", "8c8a82"), M_POLE: _rgb("3a3c3a", "4a4640"), M_SIGN: _rgb("d2c81e", "2850b4", "c83232"),
+        M_SKIN: _rgb("c8a082", "6e4632"), M_CLOTH: _rgb(*_CLOTHES),
+        M_CAR_BODY: _rgb(*_CAR_COLOURS), M_CAR_GLASS: _rgb("3c4a5a"), M_CAR_LAMP: _rgb("c82828"),
         M_WHEEL: _rgb("1a1a1a"),
     },
     colour_jitter=0.10, textures=1.0, photo=True,
@@ -520,7 +514,7 @@ def paint(lay: Layout, look: Look, rng: np.random.Generator) -> np.ndarray:
         img = _blur3(img, rng.uniform(0.12, 0.3))
         r2 = ((xx / w - 0.5) ** 2 + (yy / h - 0.5) ** 2) * 2.0
         img = img * (1.0 - rng.uniform(0.1, 0.35) * r2)[..., None]
-        sigma = rng.uniform(0.01, 0.04)
+        sigma = rng.uniform(0.005, 0.025)
         img = img + sigma * _noise(rng, h, w, 0)[..., None] + 0.5 * sigma * np.stack(
             [_noise(rng, h, w, 0) for _ in range(3)], axis=-1
         )
@@ -595,6 +589,15 @@ class SyntheticDomain(torch.utils.data.Dataset):
 
     def name(self, index: int) -> str:
         return f"{self.domain}_{self.split}_{index:05d}"
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name(i) for i in range(self.num_images)]
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The untransformed uint8 image and label (None without labels), like the real datasets."""
+        image, label = render_scene(self.domain, self.split, index, self.seed, self.size)
+        return image, (label if self.with_labels else None)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_images:

@@ -152,7 +152,7 @@ class RandomCrop:
             ph, pw = max(ch - h, 0), max(cw - w, 0)
             image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=0)
             if label is not None:
-                label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
+                label = np.pad(label, ((0, ph), (0, pw)) + ((0, 0),) * (label.ndim - 2), constant_values=IGNORE_INDEX)
             h, w = image.shape[:2]
         top, left = _randint(0, h - ch), _randint(0, w - cw)
         image = image[top:top + ch, left:left + cw]

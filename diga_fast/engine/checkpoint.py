@@ -53,8 +53,10 @@ def prepare_run_dir(out: str | Path, resume: bool) -> Path:
         return out
     if out.exists() and not out.is_dir():
         raise DigaError(f"--out {out} exists and is not a folder")
-    if (out / "state.pt").exists() or (out / "config.yaml").exists():
+    if (out / "state.pt").exists():
         raise DigaError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
+    # A folder with a config.yaml but no state.pt is a start that failed before its first checkpoint:
+    # starting again in it loses nothing.
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"

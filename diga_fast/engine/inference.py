@@ -1,9 +1,15 @@
-"""Inference: multi-scale prediction (max of upsampled logits, the official protocol) and evaluation."""
+"""Inference: multi-scale prediction (max of upsampled logits, the official protocol) and evaluation.
+
+Everything here takes a ``SegmentationModel`` or, in its place, any ``LogitsFn``: a callable mapping an
+image batch (float [B, 3, h, w], RGB in [0, 1]) to logits [B, K, h', w'] at any resolution (they are
+upsampled to the image). That is the one thing the PyTorch and ONNX Runtime paths
+(``diga_fast.export.OnnxSegmenter``) do differently; folders, PNGs and confusion matrices are shared.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +26,21 @@ from diga_fast.evaluate import ConfusionMatrix, summarize
 from diga_fast.method.losses import upsample_to
 from diga_fast.models import SegmentationModel
 
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def logits_fn(model: SegmentationModel | LogitsFn) -> LogitsFn:
+    """A model's logits (its first output), or ``model`` itself when it already is a ``LogitsFn``."""
+    if isinstance(model, torch.nn.Module):
+        return lambda x: model(x)[0]
+    return model
+
 
 @torch.no_grad()
-def predict_logits(model: SegmentationModel, images: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+def predict_logits(model: SegmentationModel | LogitsFn, images: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
     """Logits at full input size: for each scale, resize the image (bilinear), run the model,
     upsample the logits to full size; combine scales by element-wise max."""
+    forward = logits_fn(model)
     size = tuple(images.shape[-2:])
     combined = None
     for scale in scales:
@@ -32,14 +48,14 @@ def predict_logits(model: SegmentationModel, images: torch.Tensor, scales: Seque
         if scale != 1.0:
             scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
             x = F.interpolate(images, size=scaled, mode="bilinear", align_corners=True)
-        logits = upsample_to(model(x)[0].float(), size)
+        logits = upsample_to(forward(x).float(), size)
         combined = logits if combined is None else torch.maximum(combined, logits)
     return combined
 
 
 @torch.no_grad()
 def evaluate_model(
-    model: SegmentationModel,
+    model: SegmentationModel | LogitsFn,
     dataset: Dataset,
     label_space: LabelSpace,
     device: torch.device,
@@ -50,8 +66,10 @@ def evaluate_model(
     bf16: bool = False,
 ) -> dict:
     """Confusion matrix over every pixel of ``dataset`` (full size) -> summary dict (see evaluate.py)."""
-    was_training = model.training
-    model.eval()
+    is_module = isinstance(model, torch.nn.Module)
+    was_training = is_module and model.training
+    if is_module:
+        model.eval()
     matrix = ConfusionMatrix(label_space.num_classes)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     seen = 0
@@ -63,7 +81,8 @@ def evaluate_model(
         seen += images.shape[0]
         if max_images is not None and seen >= max_images:
             break
-    model.train(was_training)
+    if is_module:
+        model.train(was_training)
     return summarize(matrix, label_space)
 
 
@@ -75,7 +94,7 @@ def save_png(path: Path, array: np.ndarray) -> None:
 
 @torch.no_grad()
 def predict_folder(
-    model: SegmentationModel,
+    model: SegmentationModel | LogitsFn,
     images_dir: str | Path,
     out_dir: str | Path,
     label_space: LabelSpace,
@@ -96,7 +115,8 @@ def predict_folder(
     except OSError as err:
         raise DigaError(f"cannot create --out {out_dir}: {err.strerror or err}") from None
     to_label_id = label_space.train_id_to_label_id()
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     for index in range(len(dataset)):
         sample = dataset[index]
         image = sample["image"].unsqueeze(0).to(device)

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from diga_fast.errors import DigaError
+from diga_fast.method.augment import StrongAugConfig
 
 Size = tuple[int, int]
 
@@ -74,6 +75,67 @@ class TrainConfig:
 
 
 @dataclass
+class WarmupConfig:
+    """Stage 1 (method.md): CE on the clean source + lambda_distill * two-way cross-view distillation
+    between the clean view and the CrDoMix view, EMA teacher."""
+
+    distill: bool = True  # off: CE on both views instead (CrDoMix as plain augmentation)
+    crdomix: bool = True  # off: the second view is the strong view alone (no translated regions)
+    lambda_distill: float = 0.5
+    reverse_scale: float = 0.5
+    temperature: float = 1.0
+    ema_max: float = 0.999
+    aug: StrongAugConfig = field(default_factory=StrongAugConfig)
+    visualize_every: int = 500
+
+
+@dataclass
+class TranslatorConfig:
+    """Stage 0 (method.md): the source->target translator CrDoMix uses (``kind``: fda | cyclegan |
+    folder), and how ``diga train translator`` trains the cyclegan one (official §3). The defaults
+    are the tiny CPU demo; the paper preset sets the official sizes."""
+
+    kind: str = "fda"
+    fda_beta: float = 0.01
+    checkpoint: str | None = None  # cyclegan: a translator run folder or its translator.safetensors
+    folder: str | None = None  # folder: pre-translated source images, matched by file name
+    # -- training (diga train translator) --
+    width: int = 16  # base channels (paper 64)
+    n_res: int = 2  # residual blocks in each encoder and decoder (paper 4)
+    crop: Size = (64, 128)
+    # each image is first resized to data.source_resize / data.target_resize, then zoomed by a
+    # factor drawn from this list (aspect kept), then random-cropped (official: two fixed sizes)
+    source_zoom: tuple[float, ...] = (1.0,)
+    target_zoom: tuple[float, ...] = (1.0,)
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    adv_weight: float = 0.5
+    cycle_weight: float = 10.0
+    edge_weight: float = 20.0
+    perceptual_weight: float = 0.1
+    identity_weight: float = 0.001  # SYNTHIA 0.025
+    vgg_weights: str | None = None  # local torchvision vgg16/vgg19 state dict; unset = perceptual term off
+
+
+@dataclass
+class SelfTrainingConfig:
+    """Stage 2 (method.md): bilateral-consensus pseudo-labels, cross-domain ClassMix, online centroids."""
+
+    labels: str = "consensus"  # consensus | prob | feat | threshold (ablations)
+    threshold: float = 0.9  # labels=threshold: keep probability labels with confidence >= this
+    metric: str = "cosine"  # cosine (diga-fast default) | l2 (the official code)
+    feat_upsample: str = "nearest"  # nearest: labels at feature resolution, nearest-upsampled; scores: upsample scores, argmax
+    centroid_momentum: float = 1e-4
+    centroid_min_pixels: int = 5
+    lambda_distill: float = 0.25
+    reverse_scale: float = 0.5
+    target_beta: float = 0.3  # strong-view blend of the target in ClassMix
+    pseudo_label_scales: tuple[float, ...] = (1.0, 0.5)
+    pseudo_labels: str | None = None  # a folder from `diga pseudo-label`; unset = made in the run folder
+    centroids: str | None = None  # a file from `diga centroids`; unset = computed in the run folder
+
+
+@dataclass
 class Recipe:
     preset: str = "demo"
     stage: str = "source"
@@ -81,6 +143,9 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    translator: TranslatorConfig = field(default_factory=TranslatorConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -110,9 +175,9 @@ def preset_recipe(preset: str, stage: str, source: str = "synthetic", target: st
             batch_size=3,
             num_workers=4,
             source_resize=(760, 1280) if synthia else (720, 1280),
-            source_scale=None if synthia else (0.7, 1.0),
+            source_scale=None if synthia and stage != "self" else (0.7, 1.0),  # official §8
             target_resize=(512, 1024),
-            target_scale=None,
+            target_scale=(0.7, 1.0),
             crop=(512, 896),
             content_retry=True,
             eval_scales=(1.0, 0.5),
@@ -120,6 +185,19 @@ def preset_recipe(preset: str, stage: str, source: str = "synthetic", target: st
         recipe.model = ModelConfig(arch="deeplabv2_r101")
         recipe.optim = OptimConfig(lr=2.5e-4)
         recipe.train = TrainConfig(iters=80_000, log_every=50, eval_every=0, save_every=2000, bf16=False)
+        recipe.translator = TranslatorConfig(
+            width=64, n_res=4, crop=(512, 896), source_zoom=(1.0, 1.5) if synthia else (1.0, 1.47),
+            target_zoom=(1.0, 2.0), identity_weight=0.025 if synthia else 0.001,
+        )
+        if synthia:  # method.md / official §8: SYNTHIA warm-up differences
+            recipe.train.iters = 60_000 if stage == "warmup" else 80_000
+            recipe.warmup.lambda_distill = recipe.warmup.reverse_scale = 0.25
+            recipe.warmup.aug.jitter_p, recipe.warmup.aug.grayscale_p = 0.7, 0.1
+            recipe.self_training.reverse_scale = 0.25
+        if stage == "translator":  # official §3: batch 2 + 2, 50k iterations
+            recipe.data.batch_size, recipe.train.iters = 2, 50_000
+    elif stage == "translator":  # the tiny CPU translator: a few hundred iterations
+        recipe.data.batch_size, recipe.train.iters = 4, 300
     return recipe
 
 

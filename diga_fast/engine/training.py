@@ -100,6 +100,7 @@ class TrainingRun:
         self.resume = resume
         if not resume:
             atomic_write(self.dir / "config.yaml", lambda tmp: save_yaml(recipe, tmp))
+            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
         self.metrics = MetricsLog(self.dir)
         self.step = 0
         self._last_log_time = time.perf_counter()

@@ -1,5 +1,11 @@
-"""The EMA teacher: theta_T <- alpha * theta_T + (1 - alpha) * theta_S, alpha = min(1 - 1/(t+1), a_max),
-parameters only (method.md Stage 1 step 3; buffers such as BN running statistics are not averaged)."""
+"""The EMA teacher: theta_T <- alpha * theta_T + (1 - alpha) * theta_S, alpha = min(1 - 1/(t+1), a_max)
+(method.md Stage 1 step 3), updated before the forward pass.
+
+The official teacher runs in train mode and so keeps its own BatchNorm statistics from batch
+statistics. diga-fast's teacher runs in eval mode (a documented difference), so its BN running
+statistics must come from somewhere: they follow the same EMA as the parameters (integer buffers
+such as ``num_batches_tracked`` are copied). Models without BatchNorm are unaffected.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,13 @@ def ema_alpha(step: int, max_alpha: float = 0.999) -> float:
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, step: int, max_alpha: float = 0.999) -> None:
     alpha = ema_alpha(step, max_alpha)
-    teacher_params = list(teacher.parameters())
-    student_params = [p.detach() for p in student.parameters()]
-    torch._foreach_mul_(teacher_params, alpha)
-    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - alpha)
+    teacher_tensors = list(teacher.parameters())
+    student_tensors = [p.detach() for p in student.parameters()]
+    for t_buf, s_buf in zip(teacher.buffers(), student.buffers()):
+        if t_buf.is_floating_point():
+            teacher_tensors.append(t_buf)
+            student_tensors.append(s_buf)
+        else:
+            t_buf.copy_(s_buf)
+    torch._foreach_mul_(teacher_tensors, alpha)
+    torch._foreach_add_(teacher_tensors, student_tensors, alpha=1.0 - alpha)

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
-from diga_fast.data import build_dataset
 from diga_fast.data.labels import get_label_space
 from diga_fast.data.loader import make_loader
-from diga_fast.data.transforms import eval_transform, train_transform
-from diga_fast.engine.inference import evaluate_model
 from diga_fast.engine.recipe import Recipe
 from diga_fast.engine.training import (
     TrainingRun,
@@ -21,34 +17,9 @@ from diga_fast.engine.training import (
     seed_everything,
     set_poly_lr,
 )
+from diga_fast.method.common import evaluate_on_target, scalar_metrics, source_train_dataset, target_val_dataset
 from diga_fast.method.losses import segmentation_cross_entropy
 from diga_fast.models import build_model
-
-
-def source_train_dataset(recipe: Recipe, label_space):
-    data = recipe.data
-    transform = train_transform(
-        resize=data.source_resize, crop=data.crop, scale=data.source_scale, flip=True, content_retry=data.content_retry
-    )
-    return build_dataset(
-        data.source, role="source", split="train", label_space=label_space, transform=transform,
-        synthetic_images=data.synthetic_train_images, seed=recipe.train.seed,
-    )
-
-
-def target_val_dataset(recipe: Recipe, label_space):
-    data = recipe.data
-    return build_dataset(
-        data.target, role="target", split="val", label_space=label_space, transform=eval_transform(None),
-        synthetic_images=data.synthetic_val_images, seed=recipe.train.seed,
-    )
-
-
-def evaluate_on_target(model, recipe: Recipe, label_space, device: torch.device) -> dict:
-    return evaluate_model(
-        model, target_val_dataset(recipe, label_space), label_space, device,
-        scales=recipe.data.eval_scales, max_images=recipe.data.eval_max_images, bf16=recipe.train.bf16,
-    )
 
 
 def train_source(recipe: Recipe, out: str | Path, device: str | None = None, resume: bool = False) -> dict:
@@ -91,16 +62,13 @@ def train_source(recipe: Recipe, out: str | Path, device: str | None = None, res
             if done % recipe.train.save_every == 0 and done != total:
                 run.save(done, {"model": model}, optimizer)
             if recipe.train.eval_every and done % recipe.train.eval_every == 0 and done != total:
-                run.log(done, **{f"target_val/{k}": v for k, v in _flat(evaluate_on_target(model, recipe, label_space, device)).items()})
+                run.log(done, **scalar_metrics(evaluate_on_target(model, recipe, label_space, device)))
                 model.train()
 
     summary = evaluate_on_target(model, recipe, label_space, device)
-    run.log(total, **{f"target_val/{k}": v for k, v in _flat(summary).items()})
+    run.log(total, **scalar_metrics(summary))
     run.save(total, {"model": model}, optimizer)
     run.write_json("eval.json", summary)
     run.close()
     return summary
 
-
-def _flat(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "num_classes"}

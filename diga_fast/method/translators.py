@@ -4,11 +4,14 @@ geometry, so the source labels stay valid.
 * ``fda``: Fourier Domain Adaptation (Yang & Soatto, CVPR 2020): keep the source's phase and its
   high-frequency amplitude, take the low-frequency amplitude (a centred square of side
   2*floor(beta*min(H, W))+1 in the shifted spectrum) from a random target image. Needs no training.
+* ``cyclegan``: the frozen source->target generator trained by ``diga train translator``
+  (:mod:`diga_fast.method.translator_training`), loaded from its ``translator.safetensors``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,3 +52,71 @@ class FDATranslator:
         if style.shape[-2:] != source.shape[-2:]:
             style = F.interpolate(style, size=source.shape[-2:], mode="bilinear", align_corners=False)
         return fda_translate(source, style, self.beta)
+
+
+def build_translator(recipe, target_images: Iterator[torch.Tensor], device: torch.device):
+    """The translator ``recipe.translator`` names: ``fda`` (style from ``target_images``), ``cyclegan``
+    (a trained generator from ``diga train translator``)."""
+    from diga_fast.errors import DigaError
+
+    cfg = recipe.translator
+    if cfg.kind == "fda":
+        return FDATranslator(target_images, beta=cfg.fda_beta)
+    if cfg.kind == "cyclegan":
+        if not cfg.checkpoint:
+            raise DigaError("translator.kind=cyclegan needs translator.checkpoint=RUN_OR_FILE (from diga train translator)")
+        return CycleGANTranslator(cfg.checkpoint, device)
+    raise DigaError(f"unknown translator kind {cfg.kind!r}; choose fda or cyclegan")
+
+
+# --------------------------------------------------------------------------- learned (cyclegan)
+
+
+def load_translator_generator(path: str | Path, device: str | torch.device | None = None):
+    """The source->target generator (enc_s + dec_s2t) from ``diga train translator``: a run folder
+    or its ``translator.safetensors``. Frozen, in eval mode, on ``device`` (default CPU)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from diga_fast.engine.checkpoint import load_state_checked
+    from diga_fast.errors import DigaError
+    from diga_fast.models.translator import TRANSLATOR_FILE, TRANSLATOR_FORMAT, ImageTranslator
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / TRANSLATOR_FILE).is_file():
+            raise DigaError(f"{path} holds no {TRANSLATOR_FILE} (train one with `diga train translator`)")
+        path = path / TRANSLATOR_FILE
+    elif not path.is_file():
+        raise DigaError(f"translator checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DigaError(f"{path} is not a translator checkpoint (safetensors): {str(err).splitlines()[0]}") from None
+    if metadata.get("format") != TRANSLATOR_FORMAT or metadata.get("kind") != "cyclegan":
+        raise DigaError(f"{path} is not a translator checkpoint (no {TRANSLATOR_FORMAT} cyclegan metadata)")
+    try:
+        width, n_res = int(metadata["width"]), int(metadata["n_res"])
+    except (KeyError, ValueError):
+        raise DigaError(f"{path}: translator metadata lacks a valid width / n_res") from None
+    generator = ImageTranslator(width, n_res)
+    load_state_checked(generator, load_file(str(path)), str(path))
+    generator.requires_grad_(False)
+    return generator.eval().to(device or "cpu")
+
+
+class CycleGANTranslator:
+    """The learned translator: the frozen source->target generator of ``diga train translator``."""
+
+    kind = "cyclegan"
+
+    def __init__(self, checkpoint: str | Path, device: str | torch.device | None = None) -> None:
+        self.generator = load_translator_generator(checkpoint, device)
+
+    @torch.no_grad()
+    def __call__(self, source: torch.Tensor) -> torch.Tensor:
+        generator = self.generator
+        if next(generator.parameters()).device != source.device:
+            self.generator = generator = generator.to(source.device)
+        return generator(source.float()).clamp(0.0, 1.0).to(source.dtype)
