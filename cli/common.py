@@ -39,8 +39,9 @@ def resolve_recipe(stage: str, *, source: str, target: str, preset: str | None, 
     """Preset -> --config -> named options -> KEY=VALUE overrides. On --resume the run's own
     config.yaml is the recipe (only --iters and overrides may change it)."""
     if resume:
-        saved = Path(out) / "config.yaml"
-        if not (Path(out) / "state.pt").is_file() or not saved.is_file():
+        run_dir = Path(out) if (Path(out) / "config.yaml").is_file() else Path(out) / "round_1"  # self --rounds
+        saved = run_dir / "config.yaml"
+        if not (run_dir / "state.pt").is_file() or not saved.is_file():
             raise DigaError(f"--resume: {out} holds no state.pt and config.yaml to resume from")
         values = load_yaml(saved)
         recipe = recipe_from_dict(values, base=preset_recipe(values.get("preset", "demo"), stage))

@@ -60,3 +60,22 @@ def train_translator_command(out, device, resume, **options) -> None:
     console.print(f"translator saved: {summary['translator']} ({summary['iters']} iterations, "
                   f"perceptual loss {'on' if summary['perceptual'] else 'off'})", highlight=False)
     console.print(f"run folder: {out}")
+
+
+@train.command("self")
+@click.option("--init", "init", type=click.Path(), default=None, help="Warm-up run folder (or student .safetensors) to adapt.")
+@click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True, help="Self-training rounds (each relabels with the last student).")
+@training_options
+def train_self_command(init, rounds, out, device, resume, **options) -> None:
+    """DiGA stage 2: threshold-free bilateral-consensus self-training from a warm-up student.
+
+    Probability labels and initial centroids are made from --init unless
+    self_training.pseudo_labels=DIR / self_training.centroids=FILE name existing ones.
+    Ablations: self_training.labels=consensus|prob|feat|threshold, self_training.metric=cosine|l2."""
+    from diga_fast.evaluate import iou_table
+    from diga_fast.method.self_training import train_self_rounds
+
+    recipe = resolve_recipe("self", out=out, resume=resume, **options)
+    summary = train_self_rounds(recipe, out, init, rounds=rounds, device=device, resume=resume)
+    Console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after self-training"))
+    Console().print(f"run folder: {out}")

@@ -265,3 +265,37 @@ def label_quality(consensus: torch.Tensor, truth: torch.Tensor) -> dict[str, tor
             if bool((kept & known).any()) else torch.tensor(float("nan"))
         quality["consensus_kept_known"] = kept[known].float().mean()
     return quality
+
+
+def train_self_rounds(recipe: Recipe, out: str | Path, init: str | Path | None, rounds: int = 1,
+                      device: str | None = None, resume: bool = False) -> dict:
+    """``rounds`` self-training rounds: round r+1 starts from round r's student, relabels the target
+    with it (new probability labels and initial centroids), resets the teacher and restarts the LR
+    schedule. One round writes into ``out``; several write ``out/round_1`` ... ``out/round_N``."""
+    if rounds < 1:
+        raise DigaError(f"--rounds must be at least 1, got {rounds}")
+    out = Path(out)
+    if rounds > 1 and recipe.self_training.pseudo_labels:
+        raise DigaError("self_training.pseudo_labels fixes the labels of round 1 only; it cannot be combined with --rounds > 1")
+    summary: dict = {}
+    for round_index in range(1, rounds + 1):
+        round_dir = out if rounds == 1 else out / f"round_{round_index}"
+        if resume and (round_dir / "eval.json").is_file() and rounds > 1:
+            init = round_dir  # this round finished before the interruption
+            continue
+        round_recipe = recipe if round_index == 1 else _later_round(recipe)
+        round_resume = resume and (round_dir / "state.pt").is_file()
+        if rounds > 1:
+            console.rule(f"self-training round {round_index} of {rounds}")
+        summary = train_self(round_recipe, round_dir, init, device=device, resume=round_resume)
+        init = round_dir
+    return summary
+
+
+def _later_round(recipe: Recipe) -> Recipe:
+    import copy
+
+    later = copy.deepcopy(recipe)
+    later.self_training.pseudo_labels = None
+    later.self_training.centroids = None
+    return later
