@@ -8,4 +8,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread per test process: the suite runs under pytest-xdist on 2 cores, and OpenMP
+# spin-waiting on an oversubscribed machine is slower than one thread by an order of magnitude.
+torch.set_num_threads(1)

@@ -26,6 +26,7 @@ def test_paper_preset_is_the_official_recipe():
 def test_overrides_are_typed():
     recipe = apply_overrides(Recipe(), ["optim.lr=0.05", "data.crop=[64, 128]", "train.bf16=true", "model.pretrained=null"])
     assert recipe.optim.lr == 0.05 and recipe.data.crop == (64, 128) and recipe.train.bf16 is True
+    assert apply_overrides(Recipe(), ["optim.lr=1e-3"]).optim.lr == 1e-3
     recipe = apply_overrides(Recipe(), ["optim.lr=1"])
     assert recipe.optim.lr == 1.0 and isinstance(recipe.optim.lr, float)
 
