@@ -1,0 +1,28 @@
+"""Running ``diga`` in-process from tests."""
+
+from diga_fast.cli.main import main
+
+TINY = ("data.synthetic_train_images=8", "data.synthetic_val_images=3", "data.batch_size=2", "data.num_workers=0",
+        "train.log_every=1")
+
+
+def run(capsys, *argv):
+    """Run ``diga ARGV`` in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(list(map(str, argv)))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    """Progress lines may precede it; the error itself is one line, the last, with no traceback."""
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("diga: error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
