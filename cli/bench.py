@@ -6,6 +6,11 @@ import click
 
 # = diga_fast.benchmarks.kernels.OPS, spelled out so that `diga --help` does not import torch.
 KERNEL_OPS = ("assign_centroids", "consensus_cross_entropy", "crdomix_blend", "class_feature_sums")
+# = diga_fast.benchmarks.infer.IMPLS, likewise.
+INFER_IMPLS = (
+    "torch-eager-fp32", "torch-eager-bf16", "torch-compile-fp32", "ort-cpu-fp32", "ort-cpu-fp32-basic",
+    "torch-eager-fp16", "ort-cuda-fp32", "ort-cuda-fp16", "ort-cuda-fp32-iobinding", "ort-cuda-fp16-iobinding",
+)
 
 
 @click.group(help="Benchmarks")
@@ -32,4 +37,43 @@ def kernels_command(quick: bool, csv_path: str, plot_path: str | None, ops: tupl
     try:
         kernels.run(quick=quick, csv_path=csv_path, plot_path=plot_path, ops=list(ops) or None, dtypes=list(dtypes) or None)
     except OSError as err:  # an unwritable --csv / --plot path
+        raise click.ClickException(f"cannot write {err.filename}: {err.strerror}") from None
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        height, sep, width = item.strip().lower().partition("x")
+        if not sep or not height.isdigit() or not width.isdigit() or int(height) < 16 or int(width) < 16:
+            raise click.BadParameter(f"{item.strip()!r}: expected HxW with both sides >= 16, e.g. 512x1024", param_hint="--sizes")
+        sizes.append((int(height), int(width)))
+    return sizes
+
+
+@bench.command("infer")
+@click.option("--model", "models", multiple=True, type=click.Choice(["small", "deeplabv2_r50", "deeplabv2_r101"]),
+              help="Network with random weights (repeatable) [default: small].")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Time a trained checkpoint instead of --model.")
+@click.option("--sizes", default="512x1024,1024x2048", show_default=True, help="Comma-separated HxW input sizes.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed runs per row [default: 30 on CUDA, 3 on CPU].")
+@click.option("--impl", "impls", multiple=True, type=click.Choice(INFER_IMPLS),
+              help="Implementation (repeatable) [default: eager fp32/bf16 + ORT CPU on a CPU; all CUDA ones on a GPU].")
+@click.option(
+    "--csv", "csv_path", type=click.Path(dir_okay=False), default="benchmarks/results/infer.csv",
+    show_default=True, help="CSV to append the result rows to.",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of PyTorch and ONNX Runtime [default: the physical cores].")
+@click.option("--note", default="", help="Free text stored in every row (e.g. 'shared machine').")
+def infer_command(models, checkpoint, sizes, batch, repeats, impls, csv_path, threads, note) -> None:
+    """Inference latency: torch eager fp32/bf16/fp16, torch.compile, ONNX Runtime CPU/CUDA (+ IO binding)."""
+    from diga_fast.benchmarks import infer
+
+    if checkpoint and models:
+        raise click.UsageError("give --model or --checkpoint, not both")
+    try:
+        infer.run(models=list(models) or None, checkpoint=checkpoint, sizes=_parse_sizes(sizes), repeats=repeats,
+                  csv_path=csv_path, impls=list(impls) or None, batch=batch, threads=threads, note=note)
+    except OSError as err:  # an unwritable --csv path
         raise click.ClickException(f"cannot write {err.filename}: {err.strerror}") from None

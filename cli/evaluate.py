@@ -32,6 +32,7 @@ def _write_json(path: str, data: dict) -> None:
 
 @click.command("eval")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Run folder or .safetensors file to evaluate.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, help="An ONNX file from 'diga export', run in ONNX Runtime.")
 @click.option("--pred-dir", type=click.Path(), default=None, help="Folder of label-id prediction PNGs (matched by city_seq_frame).")
 @click.option("--target", default="synthetic", show_default=True, help="Labelled data: synthetic, cityscapes:ROOT, gta5:ROOT, synthia:ROOT.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
@@ -39,10 +40,10 @@ def _write_json(path: str, data: dict) -> None:
 @click.option("--label-space", default=None, help="cityscapes19 or synthia16 [default: the checkpoint's; cityscapes19 for --pred-dir].")
 @click.option("--synthetic-images", type=click.IntRange(min=1), default=100, show_default=True, help="Images of the built-in pair's split.")
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda[:N] or auto (with --onnx: the ONNX Runtime provider).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write {miou, iou, num_classes} here.")
-def eval_command(checkpoint, pred_dir, target, split, scales, label_space, synthetic_images, max_images, device, json_path) -> None:
-    """mIoU of a checkpoint (or of prediction PNGs) on a labelled split, from one confusion matrix."""
+def eval_command(checkpoint, onnx_path, pred_dir, target, split, scales, label_space, synthetic_images, max_images, device, json_path) -> None:
+    """mIoU of a checkpoint, an ONNX export or prediction PNGs on a labelled split, from one confusion matrix."""
     from diga_fast.data import build_dataset, parse_dataset_spec
     from diga_fast.data.labels import get_label_space
     from diga_fast.engine.checkpoint import load_model
@@ -50,8 +51,8 @@ def eval_command(checkpoint, pred_dir, target, split, scales, label_space, synth
     from diga_fast.engine.training import resolve_device
     from diga_fast.evaluate import iou_table
 
-    if (checkpoint is None) == (pred_dir is None):
-        raise DigaError("give exactly one of --checkpoint or --pred-dir")
+    if sum(x is not None for x in (checkpoint, onnx_path, pred_dir)) != 1:
+        raise DigaError("give exactly one of --checkpoint, --onnx or --pred-dir")
     spec = parse_dataset_spec(target)
     if pred_dir is not None:
         if spec.kind != "cityscapes":
@@ -60,6 +61,14 @@ def eval_command(checkpoint, pred_dir, target, split, scales, label_space, synth
         dataset = build_dataset(spec, role="target", split=split, label_space=space)
         summary = evaluate_prediction_folder(pred_dir, dataset, space)
         title = f"{pred_dir} on {target} {split}"
+    elif onnx_path is not None:
+        import torch
+
+        scale_values = parse_scales(scales)
+        segmenter, space = _onnx_segmenter(onnx_path, device, label_space, scale_values)
+        dataset = build_dataset(spec, role="target", split=split, label_space=space, synthetic_images=synthetic_images)
+        summary = evaluate_model(segmenter, dataset, space, torch.device("cpu"), scales=scale_values, max_images=max_images)
+        title = f"{onnx_path} ({segmenter.provider}) on {target} {split}"
     else:
         dev = resolve_device(device)
         model, meta = load_model(checkpoint)
@@ -74,23 +83,50 @@ def eval_command(checkpoint, pred_dir, target, split, scales, label_space, synth
         _write_json(json_path, {"miou": summary["miou"], "iou": summary["iou"], "num_classes": summary["num_classes"]})
 
 
+def _onnx_segmenter(onnx_path: str, device: str, label_space: str | None, scales: tuple[float, ...]):
+    """The ONNX Runtime session of an export and its label space (from the file's metadata)."""
+    from diga_fast.data.labels import get_label_space
+    from diga_fast.export.runtime import OnnxSegmenter
+
+    segmenter = OnnxSegmenter(onnx_path, device=device)
+    if segmenter.returns_labels and scales != (1.0,):
+        raise DigaError(f"{onnx_path} was exported with --argmax (labels, no logits): --scales needs a logits export")
+    space = segmenter.label_space
+    if label_space is not None:
+        space = get_label_space(label_space)
+        if space.num_classes != segmenter.num_classes:
+            raise DigaError(f"--label-space {space.name} has {space.num_classes} classes, {onnx_path} predicts {segmenter.num_classes}")
+    return segmenter, space
+
+
 @click.command("predict")
-@click.option("--checkpoint", type=click.Path(), required=True, help="Run folder or .safetensors file.")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Run folder or .safetensors file.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, help="An ONNX file from 'diga export', run in ONNX Runtime (CUDA when present).")
 @click.option("--images", "images_dir", type=click.Path(), required=True, help="Folder of images (searched recursively).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder (sub-folders are kept).")
 @click.option("--scales", default="1.0", show_default=True, help="Inference scales; logits are max-combined.")
 @click.option("--overlay", is_flag=True, help="Also write NAME_overlay.png (image blended with the colour map).")
-@click.option("--device", default="auto", show_default=True)
-def predict(checkpoint, images_dir, out, scales, overlay, device) -> None:
-    """Segment every image under --images: NAME_labelIds.png (Cityscapes label ids) and NAME_color.png."""
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda[:N] or auto (with --onnx: the ONNX Runtime provider).")
+def predict(checkpoint, onnx_path, images_dir, out, scales, overlay, device) -> None:
+    """Segment every image under --images: NAME_labelIds.png (Cityscapes label ids) and NAME_color.png.
+    Images of any size run at full size; greyscale, palette, RGBA and 16-bit files are converted to
+    8-bit RGB first (alpha dropped, 16-bit samples keep their high byte)."""
     from diga_fast.data.labels import get_label_space
     from diga_fast.engine.checkpoint import load_model
     from diga_fast.engine.inference import predict_folder
     from diga_fast.engine.training import resolve_device
 
-    dev = resolve_device(device)
+    if (checkpoint is None) == (onnx_path is None):
+        raise DigaError("give exactly one of --checkpoint or --onnx")
     scale_values = parse_scales(scales)
-    model, meta = load_model(checkpoint)
     out_dir = Path(out)
-    count = predict_folder(model.to(dev), images_dir, out_dir, get_label_space(meta["label_space"]), dev, scale_values, overlay)
+    if onnx_path is not None:
+        import torch
+
+        segmenter, space = _onnx_segmenter(onnx_path, device, None, scale_values)
+        count = predict_folder(segmenter, images_dir, out_dir, space, torch.device("cpu"), scale_values, overlay)
+    else:
+        dev = resolve_device(device)
+        model, meta = load_model(checkpoint)
+        count = predict_folder(model.to(dev), images_dir, out_dir, get_label_space(meta["label_space"]), dev, scale_values, overlay)
     click.echo(f"wrote predictions for {count} images to {out_dir}")

@@ -4,7 +4,6 @@ import csv
 
 import pytest
 from click.testing import CliRunner
-
 from diga_fast.benchmarks import infer
 from diga_fast.cli.bench import INFER_IMPLS, bench
 

@@ -24,24 +24,9 @@ from diga_fast.export import (
 )
 from diga_fast.models import build_model
 
+from cli_helpers import assert_one_line_error, run
+
 RECIPE_DIGEST = "0123abcd"
-
-
-def run(capsys, *argv):
-    try:
-        main(list(map(str, argv)))
-        code = 0
-    except SystemExit as stop:
-        code = stop.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *fragments):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code != 0 and len(lines) == 1 and lines[0].startswith("diga: error"), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def confident_model():
@@ -52,16 +37,6 @@ def confident_model():
     with torch.no_grad():
         model.classifier.weight.mul_(100)
     return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Eager PyTorch on 2 threads slows down ~10x when the 2 cores are shared with other jobs (its
-    OpenMP barriers wait for a descheduled thread); these tests time nothing, so use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +69,7 @@ def test_onnx_contract(exported):
     model = onnx.load(str(path))
     assert [(o.domain, o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")] == [("", 18)]
     (image,), (logits,) = model.graph.input, model.graph.output
-    dims = lambda value: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]  # noqa: E731
+    dims = lambda value: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
     assert image.name == "image" and image.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert dims(image) == ["batch", 3, "height", "width"]
     assert logits.name == "logits" and logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -187,7 +162,7 @@ def test_eval_onnx_gives_the_checkpoint_miou(tmp_path, capsys, checkpoint, expor
     results = []
     for option, path in (("--onnx", exported / "model.onnx"), ("--checkpoint", checkpoint)):
         out = tmp_path / f"{option.strip('-')}.json"
-        code, stdout, err = run(capsys, "eval", option, path, "--target", "synthetic", "--synthetic-images", "2",
+        code, _, err = run(capsys, "eval", option, path, "--target", "synthetic", "--synthetic-images", "2",
                                 "--json", out)
         assert code == 0, err
         results.append(json.loads(out.read_text()))
@@ -217,7 +192,7 @@ def test_legacy_exporter_and_a_failed_check_leaves_nothing(tmp_path, capsys, che
     assert "legacy" in stdout and "max |Δlogit|" in stdout and "agreement" in stdout
     assert "legacy" in {p.key: p.value for p in onnx.load(str(out)).metadata_props}["diga.exporter"]
 
-    import diga_fast.export.api as api
+    from diga_fast.export import api
 
     real = api.measure_parity
     monkeypatch.setattr(api, "measure_parity", lambda ref, cand, precision: real(ref, lambda x: cand(x) + 0.5, precision))

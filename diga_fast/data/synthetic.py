@@ -343,12 +343,31 @@ def _rgb(*hexes: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Look:
-    """How a domain paints materials: colour choices per material and the camera/illumination model."""
+    """How a domain paints: candidate colours per material, texture strength, and the camera model
+    (all zero for the clean "game" look)."""
 
-    palette: dict[int, np.ndarray]  # material -> [n, 3] candidate colours
+    palette: dict[int, np.ndarray]  # material -> [n, 3] candidate RGB colours in [0, 1]
     colour_jitter: float  # per-part multiplicative colour jitter (std)
-    textures: float  # strength of procedural textures (0 = flat)
-    photo: bool  # per-image illumination, blur, noise, blockiness
+    textures: float  # strength of the procedural textures (0 = flat)
+    exposure: float = 0.05  # std of the per-image log exposure
+    colour_cast: float = 0.0  # std of the per-image, per-channel log gain
+    gamma: float = 0.0  # std of the per-image log gamma
+    light_gradient: tuple[float, float] = (0.0, 0.0)  # strength range of a linear light gradient
+    shadow_prob: float = 0.0  # probability of a cast shadow over the ground and facades
+    blur: tuple[float, float] = (0.0, 0.0)  # range of the side tap of a separable 3-tap blur
+    vignetting: tuple[float, float] = (0.0, 0.0)
+    noise: tuple[float, float] = (0.0, 0.0)  # range of the sensor noise std
+    blockiness: float = 0.0  # max blend weight of 8x8 block means (JPEG-like)
+
+    @functools.cached_property
+    def table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Palette as arrays: colours [materials, max choices, 3] and choice counts [materials]."""
+        n = max(self.palette) + 1
+        counts = np.array([len(self.palette[m]) for m in range(n)])
+        colours = np.zeros((n, counts.max(), 3), np.float32)
+        for m in range(n):
+            colours[m, : counts[m]] = self.palette[m]
+        return colours, counts
 
 
 _CAR_COLOURS = ("c8c8c8", "2a2a2e", "8a1c1c", "1c3a7a", "e6e6e6", "6e6e72", "3c5a3c", "b08a2a")
@@ -364,7 +383,7 @@ SOURCE_LOOK = Look(
         M_CAR_BODY: _rgb(*_CAR_COLOURS), M_CAR_GLASS: _rgb("5a78a0"), M_CAR_LAMP: _rgb("f01e1e"),
         M_WHEEL: _rgb("141414"),
     },
-    colour_jitter=0.06, textures=0.35, photo=False,
+    colour_jitter=0.06, textures=0.35,
 )
 TARGET_LOOK = Look(
     palette={
@@ -376,17 +395,19 @@ TARGET_LOOK = Look(
         M_CAR_BODY: _rgb(*_CAR_COLOURS), M_CAR_GLASS: _rgb("3c4a5a"), M_CAR_LAMP: _rgb("c82828"),
         M_WHEEL: _rgb("1a1a1a"),
     },
-    colour_jitter=0.10, textures=1.0, photo=True,
+    colour_jitter=0.10, textures=1.0, exposure=0.2, colour_cast=0.12, gamma=0.15, light_gradient=(0.1, 0.35),
+    shadow_prob=0.6, blur=(0.12, 0.3), vignetting=(0.1, 0.35), noise=(0.005, 0.025), blockiness=0.3,
 )
 
 
 @functools.lru_cache(maxsize=4)
 def _noise_bank(h: int, w: int) -> np.ndarray:
-    """Fixed fractal-noise tiles [4, 2h, 2w] (fine grain, 4 px, 12 px, 40 px scales), zero mean, unit
-    std. Built once per size from a fixed seed; images cut random windows out of them."""
+    """Fixed noise tiles [6, 2h, 2w]: white grain (3 independent tiles, one per colour channel) and
+    smooth fractal noise at 4, 12 and 40 px, each zero mean and unit std. Built once per size from a
+    fixed seed; images cut random windows out of them."""
     rng = np.random.default_rng(20230402)
     H, W = 2 * h, 2 * w
-    tiles = [rng.standard_normal((H, W)).astype(np.float32)]
+    tiles = [rng.standard_normal((H, W)).astype(np.float32) for _ in range(3)]
     for cell in (4, 12, 40):
         gh, gw = H // cell + 2, W // cell + 2
         g = rng.standard_normal((gh, gw)).astype(np.float32)
@@ -402,20 +423,26 @@ def _noise_bank(h: int, w: int) -> np.ndarray:
     return np.stack(tiles)
 
 
-def _noise(rng: np.random.Generator, h: int, w: int, scale: int) -> np.ndarray:
+GRAIN, SMALL, MID, BIG = 0, 3, 4, 5  # tile indices (0..2: grain)
+
+
+def _noise(rng: np.random.Generator, h: int, w: int, tile: int, channels: int = 1) -> np.ndarray:
+    """A random [h, w] window of a noise tile ([h, w, channels] of the grain tiles if channels > 1)."""
     bank = _noise_bank(h, w)
     y, x = int(rng.integers(0, h + 1)), int(rng.integers(0, w + 1))
-    return bank[scale, y : y + h, x : x + w]
+    if channels > 1:
+        return np.moveaxis(bank[tile : tile + channels, y : y + h, x : x + w], 0, -1)
+    return bank[tile, y : y + h, x : x + w]
 
 
 def _blur3(img: np.ndarray, a: float) -> np.ndarray:
     """Separable [a, 1 - 2a, a] blur with edge replication."""
-    out = img * (1 - 2 * a)
+    out = img * np.float32(1 - 2 * a)
     out[1:] += a * img[:-1]
     out[:1] += a * img[:1]
     out[:-1] += a * img[1:]
     out[-1:] += a * img[-1:]
-    res = out * (1 - 2 * a)
+    res = out * np.float32(1 - 2 * a)
     res[:, 1:] += a * out[:, :-1]
     res[:, :1] += a * out[:, :1]
     res[:, :-1] += a * out[:, 1:]
@@ -423,107 +450,102 @@ def _blur3(img: np.ndarray, a: float) -> np.ndarray:
     return res
 
 
+def _scale(shade: np.ndarray, factor, where: np.ndarray) -> None:
+    np.multiply(shade, factor, out=shade, where=where)
+
+
 def paint(lay: Layout, look: Look, rng: np.random.Generator) -> np.ndarray:
     """Render a layout in a domain's look: [H, W, 3] uint8."""
     h, w = lay.label.shape
     yy, xx = _grid(h, w)
+    f32 = np.float32
+    # one colour per part: a palette choice for its material, jittered
     mats = np.asarray(lay.part_material)
-    colours = np.empty((len(mats), 3), np.float32)
-    for i, m in enumerate(mats):
-        choices = look.palette[int(m)]
-        c = choices[rng.integers(len(choices))]
-        colours[i] = c * (1.0 + rng.normal(0.0, look.colour_jitter, 3)).astype(np.float32)
+    table, counts = look.table
+    choice = (rng.random(len(mats)) * counts[mats]).astype(int)
+    colours = table[mats, choice] * (1.0 + rng.normal(0.0, look.colour_jitter, (len(mats), 3))).astype(f32)
     img = colours[lay.part]  # [H, W, 3]
     mat = mats[lay.part]
-    shade = np.ones((h, w), np.float32)
-    h0 = lay.horizon
-    t = lay.depth
-    sky = mat == M_SKY
-    road = mat == M_ROAD
-    facade = mat == M_FACADE
-    ground = (mat == M_ROAD) | (mat == M_SIDEWALK) | (mat == M_TERRAIN)
-    # perspective coordinates of the ground: distance along the street and lateral position
-    u = 1.0 / np.maximum(t, 0.02)
-    lateral = (xx - lay.vanish_x) / np.maximum(t, 0.02) / w
+    sky, road, facade, fence = mat == M_SKY, mat == M_ROAD, mat == M_FACADE, mat == M_FENCE
+    sidewalk, terrain = mat == M_SIDEWALK, mat == M_TERRAIN
+    ground = road | sidewalk | terrain
+    veg = lay.label == VEGETATION
+    h0, t, fh = lay.horizon, lay.depth, lay.height
+    # perspective coordinates: distance along the street and lateral position (at the bottom row)
+    u = 1.0 / np.maximum(t, f32(0.02))
+    lateral = (xx - f32(lay.vanish_x)) * u / f32(w)
+    shade = np.ones((h, w), f32)
     # sky: lighter towards the horizon
-    up = np.clip((h0 - yy) / max(h0, 1.0), 0.0, 1.0)
-    shade = np.where(sky, 1.08 - 0.2 * up, shade)
-    # lane markings (both looks): a dashed centre line and solid edge lines
+    _scale(shade, f32(1.08) - f32(0.2 / max(h0, 1.0)) * np.clip(f32(h0) - yy, 0, None), sky)
+    # lane markings: a dashed centre line and solid edge lines
     centre = 0.5 * (lay.road_bottom[0] + lay.road_bottom[1])
     half = 0.5 * (lay.road_bottom[1] - lay.road_bottom[0]) / w
-    lat_c = lateral - (centre - lay.vanish_x) / w
-    dash = (np.abs(lat_c) < 0.008) & (np.mod(u * 1.3 + rng.uniform(), 1.0) < 0.5)
-    edge_line = np.abs(np.abs(lat_c) - half * 0.94) < 0.006
-    mark = road & (dash | edge_line)
-    marking_colour = np.float32(0.85 if not look.photo else rng.uniform(0.6, 0.8))
-    img[mark] = marking_colour
-    # facades: windows in perspective (height above the ground, distance along the street)
-    fh = lay.height
-    win_fx = rng.uniform(2.0, 4.0)
-    win_fy = rng.uniform(1.2, 2.0)
-    win = facade & (fh > 0.7) & (np.mod(fh * win_fy, 1.0) < 0.5) & (np.mod(u * win_fx, 1.0) < 0.55)
-    if look.photo:
-        glass = np.float32(rng.uniform(0.15, 0.35)) * (1.0 + 0.3 * _noise(rng, h, w, 3))[..., None]
-        img[win] = glass[win] * np.array([0.9, 1.0, 1.1], np.float32)
-    else:
-        img[win] = np.array([0.45, 0.6, 0.8], np.float32)
-    # fence slats
-    fence = mat == M_FENCE
-    slats = fence & (np.mod(u * rng.uniform(4.0, 8.0), 1.0) < 0.35)
-    shade = np.where(slats, shade * 0.7, shade)
-    # mild "engine" shading: facades darker at the bottom, the road darker far away
-    shade = np.where(facade & ~win, shade * (0.88 + 0.12 * np.clip(fh / 4.0, 0, 1)), shade)
-    shade = np.where(ground, shade * (0.92 + 0.08 * np.clip(t, 0, 1)), shade)
+    lat_c = np.abs(lateral - f32((centre - lay.vanish_x) / w))
+    dash = (lat_c < 0.008) & (np.mod(u * f32(1.3) + f32(rng.uniform()), 1.0) < 0.5)
+    mark = road & (dash | (np.abs(lat_c - f32(half * 0.94)) < 0.006))
+    img[mark] = f32(0.85 if look.textures < 0.5 else rng.uniform(0.6, 0.8))
+    # windows in perspective (height above the ground x distance along the street)
+    win = facade & (fh > 0.7) & (np.mod(fh * f32(rng.uniform(1.2, 2.0)), 1.0) < 0.5)
+    win &= np.mod(u * f32(rng.uniform(2.0, 4.0)), 1.0) < 0.55
+    wall = facade & ~win
+    if look.textures >= 0.5:  # dark glass with reflections
+        glass = f32(rng.uniform(0.15, 0.35)) * (1.0 + 0.3 * _noise(rng, h, w, MID))
+        img[win] = glass[win][:, None] * np.array([0.9, 1.0, 1.1], f32)
+    else:  # flat blue glass
+        img[win] = np.array([0.45, 0.6, 0.8], f32)
+    _scale(shade, f32(0.7), fence & (np.mod(u * f32(rng.uniform(4.0, 8.0)), 1.0) < 0.35))  # fence slats
+    # shading: facades darker at the bottom, the ground darker far away
+    _scale(shade, f32(0.88) + f32(0.03) * np.clip(fh, 0, 4), wall)
+    _scale(shade, f32(0.92) + f32(0.08) * np.clip(t, 0, 1), ground)
 
-    if look.textures > 0:
-        k = look.textures
-        fine, small, mid, big = (_noise(rng, h, w, i) for i in range(4))
-        veg = lay.label == VEGETATION
-        # asphalt grain and patches, paving joints, bricks, leaf noise, grass, clouds
-        shade = np.where(road & ~mark, shade * (1 + k * (0.06 * fine + 0.08 * mid)), shade)
-        paving = (mat == M_SIDEWALK) & ((np.mod(u * 3.0, 1.0) < 0.12) | (np.mod(lateral * 25, 1.0) < 0.1))
-        shade = np.where(mat == M_SIDEWALK, shade * (1 + k * 0.05 * fine), shade)
-        shade = np.where(paving, shade * (1 - 0.15 * k), shade)
-        bricks = facade & ~win & (np.mod(fh * 8.0, 1.0) < 0.18)
-        shade = np.where(facade & ~win, shade * (1 + k * (0.05 * fine + 0.07 * big)), shade)
-        shade = np.where(bricks, shade * (1 - 0.12 * k), shade)
-        shade = np.where(veg, shade * np.clip(1 + k * (0.25 * small + 0.15 * fine + 0.1 * mid), 0.3, 2.0), shade)
-        shade = np.where(mat == M_TERRAIN, shade * (1 + k * (0.12 * fine + 0.1 * mid)), shade)
-        cloud = np.clip(0.5 + 0.5 * big, 0, 1)[..., None]
-        img = np.where(sky[..., None], img * (1 - 0.35 * k * cloud) + 0.35 * k * cloud * 0.9, img)
-        shade = np.where(~(sky | veg | facade | ground), shade * (1 + k * 0.05 * fine), shade)
-    img = img * shade[..., None]
+    k = f32(look.textures)
+    if k > 0:  # asphalt grain and patches, paving joints, grass, bricks, leaves, clouds
+        fine, small, mid, big = (_noise(rng, h, w, i) for i in (GRAIN, SMALL, MID, BIG))
+        _scale(shade, 1 + k * (f32(0.06) * fine + f32(0.08) * mid), road & ~mark)
+        paving = (np.mod(u * f32(3.0), 1.0) < 0.12) | (np.mod(lateral * f32(25), 1.0) < 0.1)
+        _scale(shade, (1 + k * f32(0.05) * fine) * np.where(paving, 1 - f32(0.15) * k, f32(1)), sidewalk)
+        _scale(shade, 1 + k * (f32(0.12) * fine + f32(0.1) * mid), terrain)
+        bricks = np.mod(fh * f32(8.0), 1.0) < 0.18
+        _scale(shade, (1 + k * (f32(0.05) * fine + f32(0.07) * big)) * np.where(bricks, 1 - f32(0.12) * k, f32(1)), wall)
+        _scale(shade, np.clip(1 + k * (f32(0.25) * small + f32(0.15) * fine + f32(0.1) * mid), 0.3, 2.0), veg)
+        _scale(shade, 1 + k * f32(0.05) * fine, ~(sky | veg | facade | ground))
+        cloud = np.clip(f32(0.5) + f32(0.5) * big, 0, 1)[sky][:, None] * (f32(0.35) * k)
+        img[sky] = img[sky] * (1 - cloud) + f32(0.9) * cloud
+    img *= shade[..., None]
 
-    if look.photo:
-        # cast shadows on the ground: a dark wedge from one side of the street
-        if rng.random() < 0.6:
-            side = rng.choice([-1.0, 1.0])
-            cut = rng.uniform(-0.3, 0.5)
-            wob = 0.04 * np.sin(u * rng.uniform(0.5, 2.0) + rng.uniform(0, 6))
-            in_shadow = (side * lateral > cut + wob) & (lay.label != SKY)
-            in_shadow &= ground | facade
-            img = np.where(in_shadow[..., None], img * rng.uniform(0.45, 0.7), img)
-        # illumination: exposure, colour cast, a smooth light gradient, gamma
-        cast = np.exp(rng.normal(0.0, 0.12, 3)).astype(np.float32)
-        exposure = np.float32(np.exp(rng.normal(0.0, 0.2)))
+    if look.shadow_prob > 0 and rng.random() < look.shadow_prob:  # a shadow wedge from one side
+        side = rng.choice([-1.0, 1.0])
+        edge = f32(rng.uniform(-0.3, 0.5)) + f32(0.04) * np.sin(u * f32(rng.uniform(0.5, 2.0)) + f32(rng.uniform(0, 6)))
+        in_shadow = (f32(side) * lateral > edge) & (ground | facade)
+        img[in_shadow] *= f32(rng.uniform(0.45, 0.7))
+    # illumination: exposure, colour cast, a linear light gradient, gamma
+    gain = np.exp(rng.normal(0.0, look.exposure) + rng.normal(0.0, look.colour_cast, 3)).astype(f32)
+    if look.light_gradient[1] > 0:
         ang = rng.uniform(0, 2 * np.pi)
-        grad = 1.0 + rng.uniform(0.1, 0.35) * ((xx / w - 0.5) * np.cos(ang) + (yy / h - 0.5) * np.sin(ang))
-        img = img * (exposure * cast)[None, None, :] * grad[..., None]
-        img = np.clip(img, 0.0, 1.0) ** np.float32(np.exp(rng.normal(0.0, 0.15)))
-        # optics and sensor: blur, vignetting, noise, JPEG-like blockiness
-        img = _blur3(img, rng.uniform(0.12, 0.3))
-        r2 = ((xx / w - 0.5) ** 2 + (yy / h - 0.5) ** 2) * 2.0
-        img = img * (1.0 - rng.uniform(0.1, 0.35) * r2)[..., None]
-        sigma = rng.uniform(0.005, 0.025)
-        img = img + sigma * _noise(rng, h, w, 0)[..., None] + 0.5 * sigma * np.stack(
-            [_noise(rng, h, w, 0) for _ in range(3)], axis=-1
-        )
-        if h % 8 == 0 and w % 8 == 0:
-            blocks = img.reshape(h // 8, 8, w // 8, 8, 3).mean(axis=(1, 3), keepdims=True)
-            a = np.float32(rng.uniform(0.0, 0.3))
-            img = ((1 - a) * img.reshape(h // 8, 8, w // 8, 8, 3) + a * blocks).reshape(h, w, 3)
+        strength = f32(rng.uniform(*look.light_gradient))
+        grad = 1.0 + strength * ((xx / w - 0.5) * f32(np.cos(ang)) + (yy / h - 0.5) * f32(np.sin(ang)))
+        img *= grad[..., None] * gain
     else:
-        img = img * np.float32(np.exp(rng.normal(0.0, 0.05)))
+        img *= gain
+    np.clip(img, 0.0, 1.0, out=img)
+    if look.gamma:
+        img **= f32(np.exp(rng.normal(0.0, look.gamma)))
+    # optics and sensor: blur, vignetting, noise, JPEG-like blockiness
+    if look.blur[1] > 0:
+        img = _blur3(img, f32(rng.uniform(*look.blur)))
+    if look.vignetting[1] > 0:
+        r2 = ((xx / w - 0.5) ** 2 + (yy / h - 0.5) ** 2) * 2.0
+        img *= (1.0 - f32(rng.uniform(*look.vignetting)) * r2)[..., None]
+    if look.noise[1] > 0:
+        sigma = f32(rng.uniform(*look.noise))
+        img += sigma * _noise(rng, h, w, GRAIN)[..., None]
+        img += f32(0.5) * sigma * _noise(rng, h, w, GRAIN, channels=3)
+    if look.blockiness > 0 and h % 8 == 0 and w % 8 == 0:
+        blocks = img.reshape(h // 8, 8, w // 8, 8, 3)
+        a = f32(rng.uniform(0.0, look.blockiness))
+        means = blocks.mean(axis=(1, 3), keepdims=True)
+        blocks *= 1 - a
+        blocks += a * means
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
