@@ -45,7 +45,8 @@ def test_normalisation_is_inside_the_model():
     model = build_model("small", 19)
     image = torch.full((1, 3, 8, 8), 0.5)
     normed = model.normalize(image)
-    assert torch.allclose(normed[0, :, 0, 0], (0.5 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(normed[0, :, 0, 0], (0.5 - mean) / std)
 
 
 def test_a_few_sgd_steps_reduce_the_loss_on_a_fixed_batch():

@@ -21,7 +21,12 @@ def test_same_arguments_give_identical_bytes():
 
 @pytest.mark.parametrize(
     "other",
-    [("target", "train", 3, 8), ("target", "train", 4, 7), ("target", "val", 3, 7), ("source", "train", 3, 7)],
+    [
+        ("target", "train", 3, 8),
+        ("target", "train", 4, 7),
+        ("target", "val", 3, 7),
+        ("source", "train", 3, 7),
+    ],
 )
 def test_any_change_of_seed_index_split_or_domain_gives_another_scene(other):
     img, lbl = render_scene("target", "train", 3, seed=7, size=SIZE)
@@ -48,10 +53,12 @@ def test_same_geometry_looks_different_in_the_two_domains():
     size = (96, 192)
     source_std, target_std = [], []
     for seed in range(3):
-        layouts = [synthetic.make_layout(np.random.default_rng(seed), size, synthetic.SOURCE_GEOMETRY) for _ in range(2)]
+        layouts = [
+            synthetic.make_layout(np.random.default_rng(seed), size, synthetic.SOURCE_GEOMETRY) for _ in range(2)
+        ]
         assert np.array_equal(layouts[0].label, layouts[1].label)
-        source = synthetic.paint(layouts[0], synthetic.SOURCE_LOOK, np.random.default_rng(1)).astype(np.float32)
-        target = synthetic.paint(layouts[1], synthetic.TARGET_LOOK, np.random.default_rng(1)).astype(np.float32)
+        source = synthetic.paint(layouts[0], synthetic.SOURCE_LOOK, np.random.default_rng(1)).astype(float)
+        target = synthetic.paint(layouts[1], synthetic.TARGET_LOOK, np.random.default_rng(1)).astype(float)
         assert np.abs(source - target).mean() > 10.0
         # leaf texture: the target's vegetation varies much more than the source's flat crowns
         veg = layouts[0].label == synthetic.VEGETATION

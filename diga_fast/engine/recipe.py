@@ -32,21 +32,21 @@ class DataConfig:
     target: str = "synthetic"
     label_space: str = "cityscapes19"
     batch_size: int = 8
-    num_workers: int = 2
+    num_workers: int = 0  # the built-in pair renders each scene once and keeps it in memory
     # Geometry of training crops: resize the whole image first (None = keep), then rescale
     # width and height independently by U(scale) (None = no rescale), then random-crop ``crop``.
     source_resize: Size | None = None
-    source_scale: tuple[float, float] | None = (0.7, 1.0)
+    source_scale: tuple[float, float] | None = (0.75, 1.5)
     target_resize: Size | None = None
-    target_scale: tuple[float, float] | None = (0.7, 1.0)
-    crop: Size = (96, 192)
+    target_scale: tuple[float, float] | None = (0.75, 1.5)
+    crop: Size = (112, 224)
     content_retry: bool = False
     # Evaluation: full-size images, logits at each scale upsampled to full size, element-wise max.
     eval_scales: tuple[float, ...] = (1.0,)
     eval_max_images: int | None = None
     # The built-in pair: how many images each split of each synthetic domain holds.
-    synthetic_train_images: int = 1000
-    synthetic_val_images: int = 100
+    synthetic_train_images: int = 500
+    synthetic_val_images: int = 200
 
 
 @dataclass
@@ -57,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-2
+    lr: float = 5e-2
     head_lr_mult: float = 10.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -66,7 +66,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    iters: int = 1500
+    iters: int = 1000
     log_every: int = 20
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 500
@@ -196,9 +196,14 @@ def preset_recipe(preset: str, stage: str, source: str = "synthetic", target: st
             recipe.self_training.reverse_scale = 0.25
         if stage == "translator":  # official §3: batch 2 + 2, 50k iterations
             recipe.data.batch_size, recipe.train.iters = 2, 50_000
-    elif stage == "translator":  # the tiny CPU translator: a few hundred iterations
-        recipe.data.batch_size, recipe.train.iters = 4, 300
+    else:  # demo: sized so that `diga demo` runs every stage in about ten minutes on 2 CPU cores
+        recipe.train.iters = DEMO_ITERS[stage]
+        if stage == "translator":  # the tiny CPU translator
+            recipe.data.batch_size = 4
     return recipe
+
+
+DEMO_ITERS = {"source": 600, "warmup": 600, "self": 250, "translator": 300}
 
 
 # ---------------------------------------------------------------------------------------------
