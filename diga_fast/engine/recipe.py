@@ -198,6 +198,9 @@ def preset_recipe(preset: str, stage: str, source: str = "synthetic", target: st
             recipe.data.batch_size, recipe.train.iters = 2, 50_000
     else:  # demo: sized so that `diga demo` runs every stage in about ten minutes on 2 CPU cores
         recipe.train.iters = DEMO_ITERS[stage]
+        # The EMA horizon 1/(1 - alpha) must be short next to the run: 0.999 suits 80k iterations,
+        # not a few hundred (the teacher would still mostly be its random initialisation).
+        recipe.warmup.ema_max = 0.99
         if stage == "translator":  # the tiny CPU translator
             recipe.data.batch_size = 4
     return recipe
