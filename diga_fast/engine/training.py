@@ -69,6 +69,11 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total: int, power: 
     return optimizer.param_groups[0]["lr"]
 
 
+def scalar_metrics(summary: dict, prefix: str = "target_val/") -> dict[str, float]:
+    """The numbers of an evaluation summary, for metrics.jsonl."""
+    return {f"{prefix}{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "num_classes"}
+
+
 def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -152,7 +157,38 @@ class TrainingRun:
         self.metrics.truncate_after(self.step)
         return state["extras"]
 
+    def checkpoint_and_evaluate(
+        self,
+        step: int,
+        modules: dict[str, SegmentationModel],
+        optimizer: torch.optim.Optimizer,
+        extras: Callable[[], dict[str, Any]],
+        evaluate: Callable[[], dict],
+    ) -> None:
+        """Mid-run: checkpoint every ``train.save_every`` and evaluate every ``train.eval_every``
+        steps (the last step is left to ``finish``). ``extras`` is only called when saving."""
+        cfg = self.recipe.train
+        if step == cfg.iters:
+            return
+        if step % cfg.save_every == 0:
+            self.save(step, modules, optimizer, extras())
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            self.log(step, **scalar_metrics(evaluate()))
+
+    def finish(self, summary: dict, modules: dict[str, SegmentationModel], optimizer: torch.optim.Optimizer,
+               extras: dict[str, Any] | None = None) -> dict:
+        """The final evaluation's metrics, the last checkpoint, ``eval.json``; returns ``summary``."""
+        step = self.recipe.train.iters
+        self.log(step, **scalar_metrics(summary))
+        self.save(step, modules, optimizer, extras)
+        self.write_json("eval.json", summary)
+        self.close()
+        return summary
+
     # -- logging ---------------------------------------------------------------------------
+    def should_log(self, step: int) -> bool:
+        return step % self.recipe.train.log_every == 0 or step == self.recipe.train.iters
+
     def check_finite(self, step: int, **values: torch.Tensor) -> None:
         for name, value in values.items():
             if not math.isfinite(float(value.detach())):

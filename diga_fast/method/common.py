@@ -49,7 +49,3 @@ def evaluate_on_target(model, recipe: Recipe, label_space: LabelSpace, device: t
         model, target_val_dataset(recipe, label_space), label_space, device,
         scales=recipe.data.eval_scales, max_images=recipe.data.eval_max_images, bf16=recipe.train.bf16,
     )
-
-
-def scalar_metrics(summary: dict, prefix: str = "target_val/") -> dict[str, float]:
-    return {f"{prefix}{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "num_classes"}

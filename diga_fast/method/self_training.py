@@ -43,7 +43,6 @@ from diga_fast.method.augment import strong_view
 from diga_fast.method.centroids import agreement_labels, initial_centroids, update_centroids
 from diga_fast.method.common import (
     evaluate_on_target,
-    scalar_metrics,
     source_train_dataset,
     target_train_dataset,
     target_val_dataset,
@@ -154,13 +153,17 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
     teacher = make_teacher(student)
     optimizer = build_optimizer(student, recipe)
     generator = torch.Generator().manual_seed(recipe.train.seed)
+    networks = {"student": student, "teacher": teacher}
     if resume:
-        extras = run.restore({"student": student, "teacher": teacher}, optimizer)
+        extras = run.restore(networks, optimizer)
         label_dir, centroids = Path(extras["pseudo_labels"]), extras["centroids"].to(device)
         generator.set_state(extras["generator"])
     else:
         label_dir, centroids = prepare_inputs(recipe, init, run.dir, label_space, device)
         torch.save({"centroids": centroids.cpu()}, run.dir / "initial_centroids.pt")
+
+    def stage_state() -> dict:
+        return {"centroids": centroids.cpu(), "pseudo_labels": str(label_dir), "generator": generator.get_state()}
 
     data = recipe.data
     target_transform = train_transform(resize=data.target_resize, crop=data.crop, scale=data.target_scale, flip=True,
@@ -231,27 +234,18 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
 
             done = step + 1
             tick(done, loss=loss)
-            if done % recipe.train.log_every == 0 or done == total:
+            if run.should_log(done):
                 run.log(done, loss=loss, lr=lr, loss_src=loss_src, loss_mix=loss_mix, loss_dist=loss_dist,
                         **label_quality(consensus, target["label"].to(device)))
             if recipe.warmup.visualize_every and (done % recipe.warmup.visualize_every == 0 or done == total):
                 save_grid(run.dir / "images" / f"{done:07d}.png", label_space, images=[x_t, x_mix],
                           labels=[y_prob, y_feat, consensus, prob_mix, s_mix.detach().argmax(1)])
-            extras = {"centroids": centroids.cpu(), "pseudo_labels": str(label_dir), "generator": generator.get_state()}
-            if done % recipe.train.save_every == 0 and done != total:
-                run.save(done, {"student": student, "teacher": teacher}, optimizer, extras)
-            if recipe.train.eval_every and done % recipe.train.eval_every == 0 and done != total:
-                run.log(done, **scalar_metrics(evaluate_on_target(student, recipe, label_space, device)))
-                student.train()
+            run.checkpoint_and_evaluate(done, networks, optimizer, extras=stage_state,
+                                        evaluate=lambda: evaluate_on_target(student, recipe, label_space, device))
 
     summary = evaluate_on_target(student, recipe, label_space, device)
-    run.log(total, **scalar_metrics(summary))
-    extras = {"centroids": centroids.cpu(), "pseudo_labels": str(label_dir), "generator": generator.get_state()}
-    run.save(total, {"student": student, "teacher": teacher}, optimizer, extras)
     torch.save({"centroids": centroids.cpu()}, run.dir / "centroids.pt")
-    run.write_json("eval.json", summary)
-    run.close()
-    return summary
+    return run.finish(summary, networks, optimizer, stage_state())
 
 
 def label_quality(consensus: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from diga_fast.engine.training import (
     seed_everything,
     set_poly_lr,
 )
-from diga_fast.method.common import evaluate_on_target, scalar_metrics, source_train_dataset, target_val_dataset
+from diga_fast.method.common import evaluate_on_target, source_train_dataset, target_val_dataset
 from diga_fast.method.losses import segmentation_cross_entropy
 from diga_fast.models import build_model
 
@@ -57,18 +57,11 @@ def train_source(recipe: Recipe, out: str | Path, device: str | None = None, res
 
             done = step + 1
             tick(done, loss=loss)
-            if done % recipe.train.log_every == 0 or done == total:
+            if run.should_log(done):
                 run.log(done, loss=loss, lr=lr)
-            if done % recipe.train.save_every == 0 and done != total:
-                run.save(done, {"model": model}, optimizer)
-            if recipe.train.eval_every and done % recipe.train.eval_every == 0 and done != total:
-                run.log(done, **scalar_metrics(evaluate_on_target(model, recipe, label_space, device)))
-                model.train()
+            run.checkpoint_and_evaluate(done, {"model": model}, optimizer, extras=dict,
+                                        evaluate=lambda: evaluate_on_target(model, recipe, label_space, device))
 
     summary = evaluate_on_target(model, recipe, label_space, device)
-    run.log(total, **scalar_metrics(summary))
-    run.save(total, {"model": model}, optimizer)
-    run.write_json("eval.json", summary)
-    run.close()
-    return summary
+    return run.finish(summary, {"model": model}, optimizer)
 

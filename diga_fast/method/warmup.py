@@ -32,7 +32,6 @@ from diga_fast.engine.training import (
 from diga_fast.method.augment import strong_view
 from diga_fast.method.common import (
     evaluate_on_target,
-    scalar_metrics,
     source_train_dataset,
     target_train_dataset,
     target_val_dataset,
@@ -60,7 +59,8 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
     teacher = make_teacher(student)
     optimizer = build_optimizer(student, recipe)
     generator = torch.Generator().manual_seed(recipe.train.seed)  # augmentation and ClassMix draws
-    extras = run.restore({"student": student, "teacher": teacher}, optimizer)
+    networks = {"student": student, "teacher": teacher}
+    extras = run.restore(networks, optimizer)
     if "generator" in extras:
         generator.set_state(extras["generator"])
 
@@ -109,23 +109,15 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
 
             done = step + 1
             tick(done, loss=loss)
-            if done % recipe.train.log_every == 0 or done == total:
+            if run.should_log(done):
                 run.log(done, loss=loss, lr=lr, **terms)
             if cfg.visualize_every and (done % cfg.visualize_every == 0 or done == total):
                 prediction = logits_view.detach().argmax(1)
                 save_grid(run.dir / "images" / f"{done:07d}.png", label_space,
                           images=[x_s, x_aug] + ([translated, x_view] if translated is not None else []),
                           labels=[y_s, prediction])
-            state_extras = {"generator": generator.get_state()}
-            if done % recipe.train.save_every == 0 and done != total:
-                run.save(done, {"student": student, "teacher": teacher}, optimizer, state_extras)
-            if recipe.train.eval_every and done % recipe.train.eval_every == 0 and done != total:
-                run.log(done, **scalar_metrics(evaluate_on_target(student, recipe, label_space, device)))
-                student.train()
+            run.checkpoint_and_evaluate(done, networks, optimizer, extras=lambda: {"generator": generator.get_state()},
+                                        evaluate=lambda: evaluate_on_target(student, recipe, label_space, device))
 
     summary = evaluate_on_target(student, recipe, label_space, device)
-    run.log(total, **scalar_metrics(summary))
-    run.save(total, {"student": student, "teacher": teacher}, optimizer, {"generator": generator.get_state()})
-    run.write_json("eval.json", summary)
-    run.close()
-    return summary
+    return run.finish(summary, networks, optimizer, {"generator": generator.get_state()})
