@@ -93,12 +93,10 @@ def target_labels(mode: str, prob: torch.Tensor, feat: torch.Tensor, confidence:
     return kept, kept
 
 
-def prepare_inputs(recipe: Recipe, init: str | Path, run_dir: Path, label_space, device: torch.device):
-    """Probability labels and initial centroids from the ``init`` student (unless the recipe names
-    existing ones). Returns (pseudo-label folder, centroids [K, D])."""
+def prepare_inputs(recipe: Recipe, model, run_dir: Path, label_space, device: torch.device):
+    """Probability labels and initial centroids from the starting student ``model`` (unless the recipe
+    names existing ones). Returns (pseudo-label folder, centroids [K, D])."""
     cfg = recipe.self_training
-    model, _ = load_model(init)
-    model.to(device)
     images = target_images(recipe, label_space)
     label_dir = Path(cfg.pseudo_labels) if cfg.pseudo_labels else run_dir / "pseudo_labels"
     if not cfg.pseudo_labels:
@@ -149,7 +147,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
                             f"trains a {recipe.model.arch} with {label_space.num_classes}")
 
     run = TrainingRun(recipe, out, resume)
-    student = (build_model(recipe.model.arch, label_space.num_classes) if resume else load_model(init)[0]).to(device)
+    student = (build_model(recipe.model.arch, label_space.num_classes) if resume else init_model).to(device)
     teacher = make_teacher(student)
     optimizer = build_optimizer(student, recipe)
     generator = torch.Generator().manual_seed(recipe.train.seed)
@@ -159,7 +157,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
         label_dir, centroids = Path(extras["pseudo_labels"]), extras["centroids"].to(device)
         generator.set_state(extras["generator"])
     else:
-        label_dir, centroids = prepare_inputs(recipe, init, run.dir, label_space, device)
+        label_dir, centroids = prepare_inputs(recipe, student, run.dir, label_space, device)
         torch.save({"centroids": centroids.cpu()}, run.dir / "initial_centroids.pt")
 
     def stage_state() -> dict:
