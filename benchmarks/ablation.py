@@ -55,7 +55,7 @@ def main() -> None:
     for name, argv in CONFIGS[args.table].items():
         for seed in args.seeds:
             run = args.out / f"{slug(name)}_s{seed}"
-            extra = ["--init", str(args.out / f"warm_up_full_s{seed}")] if argv[1] == "self" else []
+            extra = ["--init", str(args.out / f"{slug('warm-up (full)')}_s{seed}")] if argv[1] == "self" else []
             if not (run / "eval.json").is_file():
                 start = time.perf_counter()
                 subprocess.run(["diga", *argv[:2], *extra, "--out", str(run), "--seed", str(seed), *argv[2:]],
