@@ -52,7 +52,7 @@ def generate_probability_labels(
     names = dataset.names
     for index in range(len(dataset)):
         name, image, _ = raw_sample(dataset, index)
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0).unsqueeze(0).to(device)
+        x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div(255.0).unsqueeze(0).to(device)
         prob = torch.softmax(predict_logits(model, x, scales), dim=1)[0]
         confidence, labels = prob.max(0)
         labels = labels.to(torch.uint8).cpu().numpy()
@@ -123,7 +123,7 @@ class PseudoLabelled(Dataset):
             image, maps = self.transform(image, maps)
         maps = np.ascontiguousarray(maps)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0),
+            "image": torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255.0),
             "pseudo_label": torch.from_numpy(maps[..., 0].astype(np.int64)),
             "confidence": torch.from_numpy(maps[..., 1].astype(np.float32) / 255.0),
             "label": torch.from_numpy(maps[..., 2].astype(np.int64)),
