@@ -124,7 +124,6 @@ def full_size_checks(dtypes, device="cuda", sizes=FULL) -> None:
         f = torch.randn(B, C, H, W, device=dev, generator=g).to(dtype)
         c = torch.randn(19, C, device=dev, generator=g)
         for metric in ("cosine", "l2"):
-            sign = 1 if metric == "cosine" else -1
             exact_labels, exact_score = assign_centroids_ref(f.double(), c.double(), metric)
             # float64 similarity of every class, to score the chosen labels
             fd = f.double()

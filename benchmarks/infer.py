@@ -18,7 +18,6 @@ Random weights are fine for timing (``--model``); ``--checkpoint`` times a train
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as _dt
 import math
 import os
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from diga_fast.benchmarks.results_csv import append_rows
 
 DEFAULT_CSV = Path("benchmarks/results/infer.csv")
 DEFAULT_SIZES = ((512, 1024), (1024, 2048))
@@ -152,17 +153,6 @@ def _print_table(rows: list[dict], notes: list[str], device: str) -> None:
         console.print(f"note: {note}")
 
 
-def _append_csv(rows: list[dict], csv_path: Path) -> None:
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new = not csv_path.exists() or csv_path.stat().st_size == 0
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
 # ----------------------------------------------------------------------------- entry point
 def run(
     models: list[str] | None = None,
@@ -224,7 +214,7 @@ def run(
     if print_table:
         _print_table(rows, notes, name)
     if csv_path is not None and rows:
-        _append_csv(rows, Path(csv_path))
+        append_rows(rows, Path(csv_path), CSV_COLUMNS)
         print(f"{len(rows)} rows appended to {csv_path}")
     return rows
 

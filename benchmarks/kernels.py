@@ -12,7 +12,6 @@ On a CPU only the PyTorch paths run (Triton needs a GPU; its interpreter is for 
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import importlib
 import os
@@ -24,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from diga_fast.benchmarks.results_csv import append_rows
 from diga_fast.kernels import (
     assign_centroids,
     assign_centroids_ref,
@@ -277,17 +277,6 @@ def _print_table(rows: list[dict], copy_gbps: float, device: str) -> None:
     console.print(table)
 
 
-def _append_csv(rows: list[dict], csv_path: Path) -> None:
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    new = not csv_path.exists() or csv_path.stat().st_size == 0
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
 def _plot(rows: list[dict], plot_path: Path, copy_gbps: float, device: str) -> None:
     try:
         import matplotlib
@@ -386,7 +375,7 @@ def run(
     if print_table:
         _print_table(rows, copy_gbps, name)
     if csv_path is not None and rows:
-        _append_csv(rows, Path(csv_path))
+        append_rows(rows, Path(csv_path), CSV_COLUMNS)
         print(f"{len(rows)} rows appended to {csv_path}")
     if plot_path is not None and rows:
         _plot(rows, Path(plot_path), copy_gbps, name)
