@@ -8,7 +8,15 @@ from pathlib import Path
 import click
 
 from diga_fast.data import parse_dataset_spec
-from diga_fast.engine.recipe import PRESETS, Recipe, apply_overrides, load_yaml, preset_recipe, recipe_from_dict
+from diga_fast.engine.recipe import (
+    PRESETS,
+    Recipe,
+    apply_overrides,
+    load_yaml,
+    preset_recipe,
+    recipe_from_dict,
+    validate_recipe,
+)
 from diga_fast.errors import DigaError
 from diga_fast.models import ARCHS
 
@@ -65,4 +73,4 @@ def resolve_recipe(stage: str, *, source: str, target: str, preset: str | None, 
             recipe.train.bf16 = bf16
     if iters is not None:
         recipe.train.iters = iters
-    return apply_overrides(recipe, overrides)
+    return validate_recipe(apply_overrides(recipe, overrides))

@@ -1,17 +1,20 @@
-"""``diga data ...``: the built-in domain pair on disk."""
+"""``diga data ...``: the built-in domain pair on disk, and source images translated once for the
+``folder`` translator."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+from PIL import Image
 
+from diga_fast.engine.recipe import DataConfig
 from diga_fast.errors import DigaError
 
 
 @click.group()
 def data() -> None:
-    """Datasets: write the built-in pair in the real folder layouts."""
+    """Datasets: write the built-in pair in the real folder layouts; translate a source once."""
 
 
 @data.command("synth")
@@ -43,3 +46,50 @@ def synth(out: str, train_images: int, val_images: int, seed: int) -> None:
     write_cityscapes_layout(root / "cityscapes", "train", scenes("target", "train", train_images))
     write_cityscapes_layout(root / "cityscapes", "val", scenes("target", "val", val_images))
     click.echo(f"wrote {train_images} source images to {root / 'gta5'} and {train_images}+{val_images} target images to {root / 'cityscapes'}")
+
+
+@data.command("translate")
+@click.option("--translator", "checkpoint", required=True, type=click.Path(), help="A `diga train translator` run folder or its translator.safetensors.")
+@click.option("--source", default="synthetic", show_default=True, help="Source dataset whose train images are translated.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for OUT/NAME.png, one per source image.")
+@click.option("--synthetic-images", type=click.IntRange(min=1), default=DataConfig.synthetic_train_images, show_default=True, help="Train images of the built-in pair (match the training recipe).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the built-in pair (match the training recipe).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+def translate(checkpoint, source, out, synthetic_images, seed, device) -> None:
+    """Translate every source training image to the target look with a trained translator, at its
+    stored size, into OUT/NAME.png; train with `translator.kind=folder translator.folder=OUT`.
+    Images already in OUT are kept (each file is written atomically), so an interrupted run resumes."""
+    import numpy as np
+    import torch
+    from rich.progress import track
+
+    from diga_fast.data import build_dataset
+    from diga_fast.data.labels import get_label_space
+    from diga_fast.engine.checkpoint import atomic_write
+    from diga_fast.engine.training import resolve_device
+    from diga_fast.method.translators import load_translator_generator
+
+    dev = resolve_device(device)
+    generator = load_translator_generator(checkpoint, dev)
+    dataset = build_dataset(source, role="source", split="train", label_space=get_label_space("cityscapes19"),
+                            transform=None, with_labels=False, synthetic_images=synthetic_images, seed=seed)
+    root = Path(out)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DigaError(f"cannot create {root}: {err.strerror or err}") from None
+    written = 0
+    for index, name in enumerate(track(dataset.names, description="translating", transient=True)):
+        path = root / f"{name}.png"
+        if path.is_file():
+            continue
+        image, _ = dataset.read(index)
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(dev).float().div(255.0)
+            y = generator(x[None])[0].clamp(0.0, 1.0)
+        pixels = y.mul(255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp, pixels=pixels: Image.fromarray(pixels).save(tmp, format="PNG"))
+        written += 1
+    click.echo(f"wrote {written} translated images to {root} ({len(dataset) - written} were already there); "
+               f"train with translator.kind=folder translator.folder={root}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from diga_fast.engine.recipe import DataConfig
 from diga_fast.errors import DigaError
 
 
@@ -20,7 +21,7 @@ def _target_images(target: str, label_space, synthetic_images: int, seed: int):
 _common = [
     click.option("--checkpoint", required=True, type=click.Path(), help="Warm-up (or self-training) run folder or .safetensors."),
     click.option("--target", default="synthetic", show_default=True, help="Target data whose train split is labelled."),
-    click.option("--synthetic-images", type=click.IntRange(min=1), default=1000, show_default=True, help="Train images of the built-in pair (match the training recipe)."),
+    click.option("--synthetic-images", type=click.IntRange(min=1), default=DataConfig.synthetic_train_images, show_default=True, help="Train images of the built-in pair (match the training recipe)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the built-in pair (match the training recipe)."),
     click.option("--device", default="auto", show_default=True),
 ]

@@ -1,5 +1,5 @@
 """The warm-up's pieces, each against a plain re-computation: strong view, ClassMix choice, CrDoMix,
-EMA, distillation, FDA."""
+EMA, distillation, OHEM, FDA."""
 
 import math
 
@@ -9,7 +9,12 @@ import torch.nn.functional as F
 
 from diga_fast.method.augment import StrongAugConfig, hsv_to_rgb, rgb_to_hsv, strong_photometric, strong_view
 from diga_fast.method.ema import ema_alpha, ema_update, make_teacher
-from diga_fast.method.losses import cross_view_distillation, segmentation_cross_entropy
+from diga_fast.method.losses import (
+    cross_view_distillation,
+    ohem_cross_entropy,
+    segmentation_cross_entropy,
+    source_cross_entropy,
+)
 from diga_fast.method.mixing import classmix_labels, classmix_selection, crdomix
 from diga_fast.method.translators import fda_translate
 
@@ -128,6 +133,52 @@ def test_segmentation_ce_averages_valid_pixels_and_handles_all_ignore():
     zero = segmentation_cross_entropy(logits, torch.full((2, 3, 3), 255))
     zero.backward()
     assert float(zero) == 0.0 and not math.isnan(float(logits.grad.abs().sum()))
+
+
+def _ohem_by_sorting(logits, labels, thresh, min_kept):
+    """HRNet's OhemCrossEntropy as written there: sort p_true of the valid pixels, threshold at
+    max(thresh, sorted[min(min_kept, n - 1)]), mean CE of the pixels strictly below it."""
+    log_p = torch.log_softmax(logits.double(), 1)
+    flat_labels = labels.flatten()
+    valid = flat_labels != 255
+    nll = -log_p.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])[valid].gather(1, flat_labels[valid, None]).squeeze(1)
+    p_true = nll.neg().exp()
+    ordered = p_true.sort().values
+    threshold = max(thresh, float(ordered[min(min_kept, ordered.numel() - 1)]))
+    return nll[p_true < threshold].mean()
+
+
+@pytest.mark.parametrize("thresh, min_kept", [(0.7, 10), (0.7, 1000), (0.05, 40), (0.99, 0)])
+def test_ohem_matches_the_sorting_formulation(thresh, min_kept):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 8, 8)).requires_grad_()
+    labels = torch.randint(0, 5, (2, 8, 8))
+    labels[1, :3] = 255
+    loss = ohem_cross_entropy(logits, labels, thresh, min_kept)
+    assert torch.allclose(loss.double(), _ohem_by_sorting(logits.detach(), labels, thresh, min_kept), atol=1e-6)
+    loss.backward()
+    kept = (logits.grad.abs().sum(1) > 0)
+    assert not kept[labels == 255].any()
+    valid = int((labels != 255).sum())
+    if min_kept >= valid:  # threshold = the largest p_true (> thresh here), kept strictly below it
+        assert int(kept.sum()) == valid - 1
+    elif thresh < 0.9:  # confident pixels are dropped
+        assert int(kept.sum()) < valid - 1
+
+
+def test_ohem_all_ignore_and_the_recipe_switch():
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    zero = ohem_cross_entropy(logits, torch.full((1, 4, 4), 255))
+    zero.backward()
+    assert float(zero) == 0.0 and float(logits.grad.abs().sum()) == 0.0
+    labels = torch.randint(0, 3, (1, 4, 4))
+
+    class Train:
+        source_loss, ohem_thresh, ohem_min_kept = "ohem", 0.7, 3
+
+    assert torch.equal(source_cross_entropy(logits, labels, Train), ohem_cross_entropy(logits, labels, 0.7, 3))
+    Train.source_loss = "ce"
+    assert torch.equal(source_cross_entropy(logits, labels, Train), segmentation_cross_entropy(logits, labels))
 
 
 def test_fda_swaps_the_low_frequency_amplitude_only():

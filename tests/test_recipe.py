@@ -21,6 +21,8 @@ def test_paper_preset_is_the_official_recipe():
     assert gta.data.eval_scales == (1.0, 0.5) and gta.train.iters == 80_000
     synthia = preset_recipe("paper", "source", source="synthia:/x")
     assert synthia.data.label_space == "synthia16" and synthia.data.source_scale is None
+    assert gta.train.source_loss == "ce" and synthia.train.source_loss == "ohem"
+    assert (synthia.train.ohem_thresh, synthia.train.ohem_min_kept) == (0.7, 100_000)
 
 
 def test_overrides_are_typed():

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diga_fast.engine.checkpoint import atomic_write
-from diga_fast.engine.recipe import Recipe, apply_overrides, preset_recipe
+from diga_fast.engine.recipe import Recipe, apply_overrides, preset_recipe, validate_recipe
 from diga_fast.errors import DigaError
 
 console = Console(stderr=True)
@@ -27,7 +27,7 @@ console = Console(stderr=True)
 def demo_recipe(stage: str, seed: int, overrides: tuple[str, ...] = ()) -> Recipe:
     recipe = preset_recipe("demo", stage)
     recipe.train.seed = seed
-    return apply_overrides(recipe, overrides)
+    return validate_recipe(apply_overrides(recipe, overrides))
 
 
 def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: bool = False,

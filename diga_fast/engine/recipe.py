@@ -72,6 +72,11 @@ class TrainConfig:
     save_every: int = 500
     bf16: bool = False
     seed: int = 0
+    # Supervised source loss: "ce", or "ohem" (official SYNTHIA: pixels with p_true below
+    # max(ohem_thresh, the ohem_min_kept-th smallest p_true) only)
+    source_loss: str = "ce"
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100_000
 
 
 @dataclass
@@ -192,6 +197,7 @@ def preset_recipe(preset: str, stage: str, source: str = "synthetic", target: st
         if synthia:  # method.md / official §8: SYNTHIA warm-up differences
             recipe.train.iters = 60_000 if stage == "warmup" else 80_000
             recipe.warmup.lambda_distill = recipe.warmup.reverse_scale = 0.25
+            recipe.train.source_loss = "ohem"
             recipe.warmup.aug.jitter_p, recipe.warmup.aug.grayscale_p = 0.7, 0.1
             recipe.self_training.reverse_scale = 0.25
         if stage == "translator":  # official §3: batch 2 + 2, 50k iterations
@@ -322,6 +328,22 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
         _update(recipe, nested)
+    return recipe
+
+
+# Fields that name one of a few behaviours, checked before a run starts.
+CHOICES = {
+    ("train", "source_loss"): ("ce", "ohem"),
+    ("translator", "kind"): ("fda", "cyclegan", "folder"),
+}
+
+
+def validate_recipe(recipe: Recipe) -> Recipe:
+    """Raise :class:`DigaError` for a field outside :data:`CHOICES` (before any run folder exists)."""
+    for (section, name), allowed in CHOICES.items():
+        value = getattr(getattr(recipe, section), name)
+        if value not in allowed:
+            raise DigaError(f"{section}.{name}={value!r}; choose from {', '.join(allowed)}")
     return recipe
 
 

@@ -8,20 +8,29 @@ from torch.utils.data import Dataset
 from diga_fast.data import build_dataset
 from diga_fast.data.labels import LabelSpace
 from diga_fast.data.transforms import eval_transform, train_transform
+from diga_fast.data.translated import TranslatedSource
 from diga_fast.engine.inference import evaluate_model
 from diga_fast.engine.recipe import Recipe
+from diga_fast.errors import DigaError
 
 
-def source_train_dataset(recipe: Recipe, label_space: LabelSpace) -> Dataset:
-    """Labelled source crops: resize, flip, rescale-and-crop (method.md / official §4.1)."""
+def source_train_dataset(recipe: Recipe, label_space: LabelSpace, translated: bool = False) -> Dataset:
+    """Labelled source crops: resize, flip, rescale-and-crop (method.md / official §4.1). With
+    ``translated`` and the ``folder`` translator, each sample also carries its pre-translated image,
+    cropped and flipped the same way (``"translated"``)."""
     data = recipe.data
     transform = train_transform(
         resize=data.source_resize, crop=data.crop, scale=data.source_scale, flip=True, content_retry=data.content_retry
     )
-    return build_dataset(
+    dataset = build_dataset(
         data.source, role="source", split="train", label_space=label_space, transform=transform,
         synthetic_images=data.synthetic_train_images, seed=recipe.train.seed,
     )
+    if translated and recipe.translator.kind == "folder":
+        if not recipe.translator.folder:
+            raise DigaError("translator.kind=folder needs translator.folder=DIR (one translated image per source image)")
+        dataset = TranslatedSource(dataset, recipe.translator.folder)
+    return dataset
 
 
 def target_train_dataset(recipe: Recipe, label_space: LabelSpace, with_labels: bool = False, **kwargs) -> Dataset:

@@ -24,6 +24,33 @@ def segmentation_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> to
     return F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
 
 
+def ohem_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, thresh: float = 0.7,
+                       min_kept: int = 100_000) -> torch.Tensor:
+    """Online hard example mining CE (the official SYNTHIA source loss, HRNet's ``OhemCrossEntropy``):
+    of the valid pixels, keep those whose probability of the true class is below
+    max(``thresh``, the (``min_kept``+1)-th smallest such probability), and average CE over them.
+    So at least ``min_kept`` pixels (or all valid ones) count whenever the model is confident, and
+    every pixel with p_true < ``thresh`` counts. 0 (with a graph) when no pixel is kept."""
+    logits = upsample_to(logits, labels.shape[-2:]).float()
+    labels = labels.long()
+    pixel_loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = labels != IGNORE_INDEX
+    p_true = torch.exp(-pixel_loss.detach())[valid]  # softmax probability of the true class
+    if p_true.numel() == 0:
+        return logits.sum() * 0.0
+    kth = min(int(min_kept), p_true.numel() - 1)
+    threshold = torch.clamp(torch.kthvalue(p_true, kth + 1).values, min=thresh)
+    kept = pixel_loss[valid][p_true < threshold]
+    return kept.mean() if kept.numel() else logits.sum() * 0.0
+
+
+def source_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, train) -> torch.Tensor:
+    """The supervised source loss the recipe names (``train.source_loss``): ``ce`` or ``ohem``."""
+    if train.source_loss == "ohem":
+        return ohem_cross_entropy(logits, labels, train.ohem_thresh, train.ohem_min_kept)
+    return segmentation_cross_entropy(logits, labels)
+
+
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """mean over pixels of -sum_k p_T,k log p_S,k, teacher probabilities detached."""
     teacher_prob = torch.softmax(teacher_logits.detach().float() / temperature, dim=1)

@@ -48,7 +48,7 @@ from diga_fast.method.common import (
     target_val_dataset,
 )
 from diga_fast.method.ema import ema_update, make_teacher
-from diga_fast.method.losses import cross_view_distillation, segmentation_cross_entropy, upsample_to
+from diga_fast.method.losses import cross_view_distillation, source_cross_entropy, upsample_to
 from diga_fast.method.mixing import classmix_labels, classmix_selection, crdomix
 from diga_fast.method.pseudo_labels import PseudoLabelled, generate_probability_labels
 from diga_fast.method.translators import build_translator
@@ -136,7 +136,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
     device = resolve_device(device)
     seed_everything(recipe.train.seed)
     label_space = get_label_space(recipe.data.label_space)
-    source_set = source_train_dataset(recipe, label_space)
+    source_set = source_train_dataset(recipe, label_space, translated=recipe.warmup.crdomix)
     target_val_dataset(recipe, label_space)
     if not resume:
         if init is None:
@@ -203,7 +203,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
 
             # 4. CrDoMix on the source
             x_aug = strong_view(x_s, source_aug, generator)
-            x_cdm = crdomix(x_aug, translator(x_s), y_s, generator) if translator is not None else x_aug
+            x_cdm = crdomix(x_aug, translator(x_s, source), y_s, generator) if translator is not None else x_aug
 
             # 5. losses
             with autocast(device, recipe.train.bf16):
@@ -211,7 +211,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
             with torch.no_grad(), autocast(device, recipe.train.bf16):
                 t_src_logits, t_src_feat = teacher(torch.cat([x_s, x_cdm]))
             t_clean, t_cdm = t_src_logits.chunk(2)
-            loss_src = segmentation_cross_entropy(s_clean, y_s)
+            loss_src = source_cross_entropy(s_clean, y_s, recipe.train)
             loss_mix = consensus_cross_entropy(upsample_to(s_mix, size), prob_mix, feat_mix)
             loss_dist = cross_view_distillation(upsample_to(s_clean, size), upsample_to(s_cdm, size),
                                                 upsample_to(t_clean, size), upsample_to(t_cdm, size),

@@ -18,7 +18,7 @@ from diga_fast.engine.training import (
     set_poly_lr,
 )
 from diga_fast.method.common import evaluate_on_target, source_train_dataset, target_val_dataset
-from diga_fast.method.losses import segmentation_cross_entropy
+from diga_fast.method.losses import source_cross_entropy
 from diga_fast.models import build_model
 
 
@@ -49,7 +49,7 @@ def train_source(recipe: Recipe, out: str | Path, device: str | None = None, res
             images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             with autocast(device, recipe.train.bf16):
                 logits, _ = model(images)
-            loss = segmentation_cross_entropy(logits, labels)
+            loss = source_cross_entropy(logits, labels, recipe.train)
             run.check_finite(step + 1, loss=loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

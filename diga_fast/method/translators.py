@@ -1,11 +1,13 @@
-"""Source -> target translators for CrDoMix (method.md, Stage 0): ``translate(x_s) -> x_s2t``, same
-geometry, so the source labels stay valid.
+"""Source -> target translators for CrDoMix (method.md, Stage 0): ``translator(x_s, batch) -> x_s2t``,
+same geometry, so the source labels stay valid (``batch`` is the source batch ``x_s`` came from).
 
 * ``fda``: Fourier Domain Adaptation (Yang & Soatto, CVPR 2020): keep the source's phase and its
   high-frequency amplitude, take the low-frequency amplitude (a centred square of side
   2*floor(beta*min(H, W))+1 in the shifted spectrum) from a random target image. Needs no training.
 * ``cyclegan``: the frozen source->target generator trained by ``diga train translator``
   (:mod:`diga_fast.method.translator_training`), loaded from its ``translator.safetensors``.
+* ``folder``: images translated beforehand (by any model), read with the source batch and cropped
+  and flipped with it (:class:`diga_fast.data.translated.TranslatedSource`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class FDATranslator:
         self.beta = beta
 
     @torch.no_grad()
-    def __call__(self, source: torch.Tensor) -> torch.Tensor:
+    def __call__(self, source: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
         style = next(self.target_images).to(source.device)
         if style.shape[0] < source.shape[0]:
             repeats = -(-source.shape[0] // style.shape[0])
@@ -54,9 +56,21 @@ class FDATranslator:
         return fda_translate(source, style, self.beta)
 
 
+class FolderTranslator:
+    """Pre-translated images: the source dataset (wrapped by :func:`diga_fast.method.common.source_train_dataset`)
+    already delivers them, aligned with the crop, as ``batch["translated"]``."""
+
+    kind = "folder"
+
+    def __call__(self, source: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
+        if batch is None or "translated" not in batch:
+            raise RuntimeError("the folder translator needs source batches from a TranslatedSource dataset")
+        return batch["translated"].to(source.device, source.dtype, non_blocking=True)
+
+
 def build_translator(recipe, target_images: Iterator[torch.Tensor], device: torch.device):
     """The translator ``recipe.translator`` names: ``fda`` (style from ``target_images``), ``cyclegan``
-    (a trained generator from ``diga train translator``)."""
+    (a trained generator from ``diga train translator``), ``folder`` (pre-translated images)."""
     from diga_fast.errors import DigaError
 
     cfg = recipe.translator
@@ -66,7 +80,9 @@ def build_translator(recipe, target_images: Iterator[torch.Tensor], device: torc
         if not cfg.checkpoint:
             raise DigaError("translator.kind=cyclegan needs translator.checkpoint=RUN_OR_FILE (from diga train translator)")
         return CycleGANTranslator(cfg.checkpoint, device)
-    raise DigaError(f"unknown translator kind {cfg.kind!r}; choose fda or cyclegan")
+    if cfg.kind == "folder":
+        return FolderTranslator()
+    raise DigaError(f"unknown translator kind {cfg.kind!r}; choose fda, cyclegan or folder")
 
 
 # --------------------------------------------------------------------------- learned (cyclegan)
@@ -115,7 +131,7 @@ class CycleGANTranslator:
         self.generator = load_translator_generator(checkpoint, device)
 
     @torch.no_grad()
-    def __call__(self, source: torch.Tensor) -> torch.Tensor:
+    def __call__(self, source: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
         generator = self.generator
         if next(generator.parameters()).device != source.device:
             self.generator = generator = generator.to(source.device)

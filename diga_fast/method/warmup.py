@@ -37,7 +37,7 @@ from diga_fast.method.common import (
     target_val_dataset,
 )
 from diga_fast.method.ema import ema_update, make_teacher
-from diga_fast.method.losses import cross_view_distillation, segmentation_cross_entropy, upsample_to
+from diga_fast.method.losses import cross_view_distillation, source_cross_entropy, upsample_to
 from diga_fast.method.mixing import crdomix
 from diga_fast.method.translators import build_translator
 from diga_fast.method.visualize import save_grid
@@ -50,7 +50,7 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
     device = resolve_device(device)
     seed_everything(recipe.train.seed)
     label_space = get_label_space(recipe.data.label_space)
-    source_set = source_train_dataset(recipe, label_space)
+    source_set = source_train_dataset(recipe, label_space, translated=cfg.crdomix)
     target_set = target_train_dataset(recipe, label_space)
     target_val_dataset(recipe, label_space)  # fail on a bad target before training starts
 
@@ -82,12 +82,12 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
             x_s, y_s = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
 
             x_aug = strong_view(x_s, cfg.aug, generator)
-            translated = translator(x_s) if translator is not None else None
+            translated = translator(x_s, batch) if translator is not None else None
             x_view = crdomix(x_aug, translated, y_s, generator) if translator is not None else x_aug
 
             with autocast(device, recipe.train.bf16):
                 logits_clean, logits_view = student(torch.cat([x_s, x_view]))[0].chunk(2)
-            loss_ce = segmentation_cross_entropy(logits_clean, y_s)
+            loss_ce = source_cross_entropy(logits_clean, y_s, recipe.train)
             terms = {"loss_ce": loss_ce}
             if cfg.distill:
                 with torch.no_grad(), autocast(device, recipe.train.bf16):
@@ -100,7 +100,7 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
                 )
                 loss = loss_ce + cfg.lambda_distill * terms["loss_dist"]
             else:
-                terms["loss_ce_view"] = segmentation_cross_entropy(logits_view, y_s)
+                terms["loss_ce_view"] = source_cross_entropy(logits_view, y_s, recipe.train)
                 loss = loss_ce + terms["loss_ce_view"]
             run.check_finite(step + 1, loss=loss)
             optimizer.zero_grad(set_to_none=True)
