@@ -8,6 +8,13 @@ from rich.console import Console
 from diga_fast.cli.common import resolve_recipe, training_options
 
 
+def _console() -> Console:
+    """stdout for the results; quiet on every rank but 0 under torchrun."""
+    from diga_fast.engine import distributed
+
+    return Console(quiet=not distributed.current().is_main)
+
+
 @click.group()
 def train() -> None:
     """Train a model: source (supervised baseline / oracle), and the DiGA stages."""
@@ -24,7 +31,7 @@ def train_source_command(out, device, resume, **options) -> None:
 
     recipe = resolve_recipe("source", out=out, resume=resume, **options)
     summary = train_source(recipe, out, device=device, resume=resume)
-    console = Console()
+    console = _console()
     console.print(iou_table(summary, title=f"target val ({recipe.data.target}) after {recipe.train.iters} iterations"))
     console.print(f"run folder: {out}")
 
@@ -41,8 +48,8 @@ def train_warmup_command(out, device, resume, **options) -> None:
 
     recipe = resolve_recipe("warmup", out=out, resume=resume, **options)
     summary = train_warmup(recipe, out, device=device, resume=resume)
-    Console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after {recipe.train.iters} warm-up iterations"))
-    Console().print(f"run folder: {out}")
+    _console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after {recipe.train.iters} warm-up iterations"))
+    _console().print(f"run folder: {out}")
 
 
 @train.command("translator")
@@ -56,7 +63,7 @@ def train_translator_command(out, device, resume, **options) -> None:
 
     recipe = resolve_recipe("translator", out=out, resume=resume, **options)
     summary = train_translator(recipe, out, device=device, resume=resume)
-    console = Console()
+    console = _console()
     console.print(f"translator saved: {summary['translator']} ({summary['iters']} iterations, "
                   f"perceptual loss {'on' if summary['perceptual'] else 'off'})", highlight=False)
     console.print(f"run folder: {out}")
@@ -77,5 +84,5 @@ def train_self_command(init, rounds, out, device, resume, **options) -> None:
 
     recipe = resolve_recipe("self", out=out, resume=resume, **options)
     summary = train_self_rounds(recipe, out, init, rounds=rounds, device=device, resume=resume)
-    Console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after self-training"))
-    Console().print(f"run folder: {out}")
+    _console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after self-training"))
+    _console().print(f"run folder: {out}")

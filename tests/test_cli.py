@@ -43,19 +43,19 @@ def test_nan_stops_cleanly_and_resume_is_exact(tmp_path, capsys, monkeypatch, tr
     then ends with the same weights as the uninterrupted 4-step run."""
     import diga_fast.method.source_only as stage
 
-    real_loss, calls = stage.segmentation_cross_entropy, []
+    real_loss, calls = stage.source_cross_entropy, []
 
-    def loss_with_nan_at_step_3(logits, labels):
+    def loss_with_nan_at_step_3(logits, labels, train):
         calls.append(1)
-        loss = real_loss(logits, labels)
+        loss = real_loss(logits, labels, train)
         return loss * float("nan") if len(calls) == 3 else loss
 
     out = tmp_path / "run"
-    monkeypatch.setattr(stage, "segmentation_cross_entropy", loss_with_nan_at_step_3)
+    monkeypatch.setattr(stage, "source_cross_entropy", loss_with_nan_at_step_3)
     code, _, err = run(capsys, "train", "source", "--out", out, "--iters", "4", *TINY, "train.save_every=2")
     assert_one_line_error(code, err, "loss is nan at step 3", "step 2")
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
-    monkeypatch.setattr(stage, "segmentation_cross_entropy", real_loss)
+    monkeypatch.setattr(stage, "source_cross_entropy", real_loss)
     code, _, err = run(capsys, "train", "source", "--out", out, "--resume")
     assert code == 0, err
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -44,17 +44,17 @@ def test_warmup_ablations_run(tmp_path, capsys, switch, term):
 
 def _crash_then_resume(tmp_path, capsys, monkeypatch, module, argv):
     """Run ``argv`` for 4 steps with a NaN loss at step 3, resume, and return the run folder."""
-    real, calls = module.segmentation_cross_entropy, []
+    real, calls = module.source_cross_entropy, []
 
-    def nan_on_third_call(logits, labels):
+    def nan_on_third_call(logits, labels, train):
         calls.append(1)
-        return real(logits, labels) * (float("nan") if len(calls) == 3 else 1.0)
+        return real(logits, labels, train) * (float("nan") if len(calls) == 3 else 1.0)
 
     out = tmp_path / "crashed"
-    monkeypatch.setattr(module, "segmentation_cross_entropy", nan_on_third_call)
+    monkeypatch.setattr(module, "source_cross_entropy", nan_on_third_call)
     code, _, err = run(capsys, *argv, "--out", out, "--iters", "4", *TINY_STAGE, "train.save_every=2")
     assert_one_line_error(code, err, "step 3", "step 2")
-    monkeypatch.setattr(module, "segmentation_cross_entropy", real)
+    monkeypatch.setattr(module, "source_cross_entropy", real)
     code, _, err = run(capsys, *argv[:2], "--out", out, "--resume")
     assert code == 0, err
     return out

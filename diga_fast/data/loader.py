@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from diga_fast.engine import distributed
+
 __all__ = ["make_loader", "InfiniteLoader", "EpochBatchSampler", "SeededSamples", "seed_worker",
            "sample_seed", "epoch_order"]
 
@@ -123,14 +125,18 @@ class EpochBatchSampler(Sampler):
 
 
 class _StreamBatchSampler(Sampler):
-    """Endless batches over the concatenation of epochs, starting at batch ``start_step``."""
+    """Endless batches over the concatenation of epochs, starting at batch ``start_step``. With
+    ``world`` > 1 processes a global batch spans ``batch_size * world`` stream positions and this
+    ``rank`` takes rows ``[rank * batch_size, (rank + 1) * batch_size)`` of it."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, start_step: int = 0):
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, start_step: int = 0,
+                 rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.start_step = start_step
+        self.start_step, self.rank, self.world = start_step, rank, world
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        position = self.start_step * self.batch_size
+        stride = self.batch_size * self.world
+        position = self.start_step * stride + self.rank * self.batch_size
         epoch, order = -1, []
         while True:
             batch = []
@@ -139,7 +145,7 @@ class _StreamBatchSampler(Sampler):
                     epoch = p // self.n
                     order = epoch_order(self.n, epoch, self.seed, self.shuffle).tolist()
                 batch.append((order[p % self.n], sample_seed(self.seed, p)))
-            position += self.batch_size
+            position += stride
             yield batch
 
 
@@ -168,10 +174,12 @@ class InfiniteLoader:
     """Endless batches for iteration-based training. ``step`` counts the batches handed out so far;
     iterating starts at ``step`` (0, or ``start_step`` / :meth:`skip_to` to resume), and the batches
     equal those an uninterrupted run yields at the same steps. Use ``next(loader)`` (one running
-    iterator, kept inside) or ``for batch in loader`` (a fresh iterator from ``step``)."""
+    iterator, kept inside) or ``for batch in loader`` (a fresh iterator from ``step``). Under torchrun
+    (``rank``/``world``, default: this process's) each rank reads its rows of every global batch."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = True, num_workers: int = 0,
-                 seed: int = 0, start_step: int = 0, collate_fn: Callable | None = None):
+                 seed: int = 0, start_step: int = 0, collate_fn: Callable | None = None,
+                 rank: int | None = None, world: int | None = None):
         if len(dataset) == 0:
             raise ValueError("InfiniteLoader needs a non-empty dataset")
         if batch_size < 1:
@@ -179,7 +187,9 @@ class InfiniteLoader:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.step = start_step
         self._iterator: Iterator | None = None
-        self._sampler = _StreamBatchSampler(len(dataset), batch_size, shuffle, seed, start_step)
+        info = distributed.current()
+        self._sampler = _StreamBatchSampler(len(dataset), batch_size, shuffle, seed, start_step,
+                                            info.rank if rank is None else rank, info.world if world is None else world)
         self._loader = _data_loader(dataset, self._sampler, num_workers, seed, collate_fn)
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from diga_fast.models import SegmentationModel, build_model
 
 FORMAT = "diga-fast/1"
 WEIGHT_FILES = ("model.safetensors", "student.safetensors")  # what a run folder's model is, in order
+MIN_FREE_BYTES = 64 * 2**20  # a run folder's disk must have this much free before training starts
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -45,18 +47,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def prepare_run_dir(out: str | Path, resume: bool) -> Path:
-    """Create (or, with ``resume``, reopen) a run folder; refuse to overwrite another run."""
+    """Create (or, with ``resume``, reopen) a run folder; refuse to overwrite another run, and fail
+    before training when the folder cannot be written or its disk is nearly full."""
     out = Path(out)
     if resume:
         if not (out / "state.pt").is_file():
             raise DigaError(f"--resume: {out} holds no state.pt to resume from")
-        return out
-    if out.exists() and not out.is_dir():
-        raise DigaError(f"--out {out} exists and is not a folder")
-    if (out / "state.pt").exists():
-        raise DigaError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
+    else:
+        if out.exists() and not out.is_dir():
+            raise DigaError(f"--out {out} exists and is not a folder")
+        if (out / "state.pt").exists():
+            raise DigaError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
     # A folder with a config.yaml but no state.pt is a start that failed before its first checkpoint:
     # starting again in it loses nothing.
+    _check_free_space(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -65,6 +69,20 @@ def prepare_run_dir(out: str | Path, resume: bool) -> Path:
     except OSError as err:
         raise DigaError(f"cannot write to --out {out}: {err.strerror or err}") from None
     return out
+
+
+def _check_free_space(out: Path) -> None:
+    """Refuse a run folder whose disk (that of its nearest existing ancestor) has under ``MIN_FREE_BYTES`` free."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # unreadable: the write probe reports the real problem
+    if free < MIN_FREE_BYTES:
+        raise DigaError(f"--out {out}: only {free / 2**20:.1f} MiB free on its disk, "
+                        f"a run needs at least {MIN_FREE_BYTES // 2**20} MiB for its checkpoints")
 
 
 def save_weights(path: Path, model: SegmentationModel, label_space: str, recipe_digest: str = "") -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from PIL import Image
 
 from diga_fast.data.labels import LabelSpace
+from diga_fast.engine import distributed
 from diga_fast.engine.checkpoint import atomic_write
 from diga_fast.errors import DigaError
 from diga_fast.evaluate import ConfusionMatrix, summarize
@@ -65,22 +66,23 @@ def evaluate_model(
     max_images: int | None = None,
     bf16: bool = False,
 ) -> dict:
-    """Confusion matrix over every pixel of ``dataset`` (full size) -> summary dict (see evaluate.py)."""
+    """Confusion matrix over every pixel of ``dataset`` (full size; the first ``max_images``) ->
+    summary dict (see evaluate.py). Under torchrun each rank evaluates every world-th image and the
+    counts are summed, so every rank returns the same summary."""
     is_module = isinstance(model, torch.nn.Module)
     was_training = is_module and model.training
     if is_module:
         model.eval()
     matrix = ConfusionMatrix(label_space.num_classes)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    seen = 0
-    for batch in loader:
+    info = distributed.current()
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    shard = Subset(dataset, range(info.rank, count, info.world))
+    for batch in DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = predict_logits(model, images, scales)
         matrix.update(logits.argmax(1), batch["label"].to(device))
-        seen += images.shape[0]
-        if max_images is not None and seen >= max_images:
-            break
+    matrix.all_reduce()
     if is_module:
         model.train(was_training)
     return summarize(matrix, label_space)

@@ -53,6 +53,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = "small"
     pretrained: str | None = None
+    dropout: float | None = None  # the classifier's Dropout2d p; None = the architecture's (0.1)
+    freeze_bn_stats: bool = False  # BatchNorm uses running statistics in training too
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from diga_fast.engine import distributed
 from diga_fast.engine.checkpoint import (
     atomic_write,
     MetricsLog,
@@ -34,14 +35,18 @@ console = Console(stderr=True)
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """The device ``--device`` names (default: CUDA when available); under torchrun, this rank's."""
     if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise DigaError(f"--device {name!r} is not a device (use cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DigaError(f"--device {name}: CUDA is not available on this machine")
+    device = distributed.setup(device)  # under torchrun: join the group, this rank's GPU
+    if not distributed.current().is_main:
+        console.quiet = True  # rank 0 speaks for all
     return device
 
 
@@ -101,12 +106,18 @@ class TrainingRun:
 
     def __init__(self, recipe: Recipe, out: str | Path, resume: bool = False) -> None:
         self.recipe = recipe
-        self.dir = prepare_run_dir(out, resume)
+        self.dir = Path(out)
         self.resume = resume
-        if not resume:
-            atomic_write(self.dir / "config.yaml", lambda tmp: save_yaml(recipe, tmp))
-            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
-        self.metrics = MetricsLog(self.dir)
+        self.is_main = distributed.current().is_main  # under torchrun only rank 0 writes the folder
+
+        def prepare() -> None:
+            prepare_run_dir(out, resume)
+            if not resume:
+                atomic_write(self.dir / "config.yaml", lambda tmp: save_yaml(recipe, tmp))
+                (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+
+        distributed.on_main(prepare)
+        self.metrics = MetricsLog(self.dir) if self.is_main else None
         self.step = 0
         self._last_log_time = time.perf_counter()
         self._last_log_step = 0
@@ -120,6 +131,9 @@ class TrainingRun:
         optimizer: torch.optim.Optimizer | None = None,
         extras: dict[str, Any] | None = None,
     ) -> None:
+        self.last_saved_step = step
+        if not self.is_main:
+            return
         label_space, digest = self.recipe.data.label_space, self.recipe.digest()
         for name, module in modules.items():
             save_weights(self.dir / f"{name}.safetensors", module, label_space, digest)
@@ -132,7 +146,6 @@ class TrainingRun:
             "extras": extras or {},
         }
         save_state(self.dir / "state.pt", state)
-        self.last_saved_step = step
 
     def restore(
         self,
@@ -154,7 +167,8 @@ class TrainingRun:
             optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         self.step = self.last_saved_step = int(state["step"])
-        self.metrics.truncate_after(self.step)
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.step)
         return state["extras"]
 
     def checkpoint_and_evaluate(
@@ -171,7 +185,7 @@ class TrainingRun:
         if step == cfg.iters:
             return
         if step % cfg.save_every == 0:
-            self.save(step, modules, optimizer, extras())
+            self.save(step, modules, optimizer, extras() if self.is_main else None)
         if cfg.eval_every and step % cfg.eval_every == 0:
             self.log(step, **scalar_metrics(evaluate()))
 
@@ -179,27 +193,45 @@ class TrainingRun:
                extras: dict[str, Any] | None = None) -> dict:
         """The final evaluation's metrics, the last checkpoint, ``eval.json``; returns ``summary``."""
         step = self.recipe.train.iters
+        if distributed.current().enabled:
+            self._record_rank_agreement(modules, extras or {})
         self.log(step, **scalar_metrics(summary))
         self.save(step, modules, optimizer, extras)
         self.write_json("eval.json", summary)
         self.close()
         return summary
 
+    def _record_rank_agreement(self, modules: dict[str, SegmentationModel], extras: dict[str, Any]) -> None:
+        """Under torchrun: fingerprints of every rank's weights, buffers and tensor extras (centroids),
+        written to ``ranks.json``; the ranks must hold identical copies."""
+        names = [*modules, *(k for k, v in extras.items() if torch.is_tensor(v) and v.is_floating_point())]
+        tensors = [list(modules[n].state_dict().values()) if n in modules else [extras[n]] for n in names]
+        device = next(iter(modules.values())).parameters().__next__().device
+        mine = torch.stack([distributed.fingerprint(group) for group in tensors]).to(device)
+        every = distributed.gather_rows(mine[None]).cpu()
+        identical = bool((every == every[0]).all())
+        if not identical:
+            console.print("[yellow]warning: the ranks' copies of the model differ; see ranks.json[/yellow]")
+        self.write_json("ranks.json", {"world": distributed.current().world, "identical": identical,
+                                       "fingerprints": {n: every[:, i].tolist() for i, n in enumerate(names)}})
+
     # -- logging ---------------------------------------------------------------------------
     def should_log(self, step: int) -> bool:
         return step % self.recipe.train.log_every == 0 or step == self.recipe.train.iters
 
     def check_finite(self, step: int, **values: torch.Tensor) -> None:
-        for name, value in values.items():
-            if not math.isfinite(float(value.detach())):
-                where = (
-                    f"the last good checkpoint (step {self.last_saved_step}) is in {self.dir}"
-                    if self.last_saved_step is not None
-                    else "no checkpoint was written yet"
-                )
-                raise DigaError(f"{name} is {float(value.detach())} at step {step}: training stopped; {where}")
+        """Stop with one line naming the value and the step when one is NaN/inf (on any rank)."""
+        bad = [(name, float(value.detach())) for name, value in values.items() if not math.isfinite(float(value.detach()))]
+        if not distributed.any_rank(bool(bad)):
+            return
+        where = (f"the last good checkpoint (step {self.last_saved_step}) is in {self.dir}"
+                 if self.last_saved_step is not None else "no checkpoint was written yet")
+        what = f"{bad[0][0]} is {bad[0][1]}" if bad else "a loss is not finite on another rank"
+        raise DigaError(f"{what} at step {step}: training stopped; {where}")
 
     def log(self, step: int, **values: Any) -> None:
+        if self.metrics is None:
+            return
         now = time.perf_counter()
         rate = (step - self._last_log_step) / max(now - self._last_log_time, 1e-9)
         self._last_log_time, self._last_log_step = now, step
@@ -232,7 +264,9 @@ class TrainingRun:
             yield tick
 
     def write_json(self, name: str, data: Any) -> None:
-        atomic_write(self.dir / name, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+        if self.is_main:
+            atomic_write(self.dir / name, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()

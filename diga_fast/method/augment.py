@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from diga_fast.engine.distributed import random_rows
+
 _GRAY = (0.299, 0.587, 0.114)
 
 
@@ -37,8 +39,8 @@ class StrongAugConfig:
     beta: float = 0.4
 
 
-def _per_image(shape: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device="cpu").to(device).view(-1, 1, 1, 1)
+def _per_image(shape: int, generator, device) -> torch.Tensor:
+    return random_rows(generator, shape).to(device).view(-1, 1, 1, 1)
 
 
 def _uniform(batch: int, spread: float, generator, device) -> torch.Tensor:

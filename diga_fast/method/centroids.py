@@ -13,9 +13,10 @@ Both are built on ``class_feature_sums`` (one fused pass, no per-class loops, no
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from diga_fast.data.labels import IGNORE_INDEX
+from diga_fast.engine import distributed
 from diga_fast.kernels import class_feature_sums
 from diga_fast.models import SegmentationModel
 
@@ -40,15 +41,20 @@ def agreement_labels(logits: torch.Tensor, labels: torch.Tensor | None) -> torch
 @torch.no_grad()
 def initial_centroids(model: SegmentationModel, dataset: Dataset, device: torch.device, batch_size: int = 1,
                       num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(centroids [K, D] float32, pixel counts [K] int64) over ``dataset`` (images only)."""
+    """(centroids [K, D] float32, pixel counts [K] int64) over ``dataset`` (images only). Under
+    torchrun each rank reads every world-th image and the sums and counts are summed over ranks."""
     model.eval()
     sums = torch.zeros(model.num_classes, model.feature_dim, device=device, dtype=torch.float64)
     counts = torch.zeros(model.num_classes, device=device, dtype=torch.int64)
-    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+    info = distributed.current()
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world))
+    for batch in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
         logits, features = model(batch["image"].to(device))
         batch_sums, batch_counts = class_feature_sums(features, agreement_labels(logits, None), model.num_classes)
         sums += batch_sums.sum(0).double()
         counts += batch_counts.sum(0)
+    distributed.all_reduce_sum(sums)
+    distributed.all_reduce_sum(counts)
     centroids = sums / counts.clamp(min=1).unsqueeze(1)
     return centroids.float(), counts
 
@@ -57,8 +63,11 @@ def initial_centroids(model: SegmentationModel, dataset: Dataset, device: torch.
 def update_centroids(centroids: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, momentum: float,
                      min_pixels: int = 5) -> torch.Tensor:
     """One online EMA step per (image, class) with >= ``min_pixels`` pixels of ``labels`` (feature
-    resolution, 255 = not counted). Updates ``centroids`` in place and returns it."""
+    resolution, 255 = not counted). Updates ``centroids`` in place and returns it. Under torchrun the
+    per-image sums of all ranks are gathered and applied in the global batch's order, so every rank
+    ends with the same centroids."""
     sums, counts = class_feature_sums(features, labels, centroids.shape[0])
+    sums, counts = distributed.gather_rows(sums), distributed.gather_rows(counts)
     means = sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)
     for image_means, image_counts in zip(means, counts):  # images in order; classes vectorised
         step = (image_counts >= min_pixels).to(centroids.dtype).unsqueeze(1) * momentum

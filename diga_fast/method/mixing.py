@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from diga_fast.data.labels import IGNORE_INDEX
+from diga_fast.engine.distributed import random_rows
 from diga_fast.kernels import crdomix_blend
 
 NUM_VALUES = 256
@@ -28,7 +29,7 @@ def classmix_selection(labels: torch.Tensor, generator: torch.Generator | None =
     flat = labels.reshape(batch, -1).long()
     present = torch.zeros(batch, NUM_VALUES, dtype=torch.bool, device=labels.device)
     present.scatter_(1, flat, True)
-    scores = torch.rand(batch, NUM_VALUES, generator=generator).to(labels.device)
+    scores = random_rows(generator, batch, NUM_VALUES).to(labels.device)
     scores = torch.where(present, scores, torch.full_like(scores, 2.0))  # absent values sort last
     rank = scores.argsort(1).argsort(1)
     keep = present.sum(1, keepdim=True) // 2

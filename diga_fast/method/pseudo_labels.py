@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from diga_fast.data.labels import IGNORE_INDEX, LabelSpace
+from diga_fast.engine import distributed
 from diga_fast.engine.checkpoint import atomic_write
 from diga_fast.engine.inference import predict_logits, save_png
 from diga_fast.errors import DigaError
@@ -45,12 +46,14 @@ def generate_probability_labels(
     progress=None,
 ) -> Path:
     """Label every image of ``dataset`` (a target train split, read without transform) into
-    ``out_dir``; the index file is written last, so a folder without it is incomplete."""
+    ``out_dir``; the index file is written last, so a folder without it is incomplete. Under torchrun
+    each rank labels every world-th image and rank 0 writes the index once all are done."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     names = dataset.names
-    for index in range(len(dataset)):
+    info = distributed.current()
+    for index in range(info.rank, len(dataset), info.world):
         name, image, _ = raw_sample(dataset, index)
         x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div(255.0).unsqueeze(0).to(device)
         prob = torch.softmax(predict_logits(model, x, scales), dim=1)[0]
@@ -61,8 +64,11 @@ def generate_probability_labels(
         save_png(out_dir / "color" / f"{name}.png", label_space.colorize(labels))
         if progress is not None:
             progress(index + 1, len(dataset))
-    index_data = {"num_images": len(names), "label_space": label_space.name, "scales": list(scales), "names": names}
-    atomic_write(out_dir / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index_data) + "\n"))
+    distributed.barrier()
+    if info.is_main:
+        index_data = {"num_images": len(names), "label_space": label_space.name, "scales": list(scales), "names": names}
+        atomic_write(out_dir / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index_data) + "\n"))
+    distributed.barrier()
     return out_dir
 
 

@@ -27,6 +27,7 @@ from diga_fast.data.labels import IGNORE_INDEX, get_label_space
 from diga_fast.data.loader import make_loader
 from diga_fast.data.transforms import train_transform
 from diga_fast.engine.checkpoint import load_model
+from diga_fast.engine import distributed
 from diga_fast.engine.recipe import Recipe
 from diga_fast.engine.training import (
     TrainingRun,
@@ -101,7 +102,9 @@ def prepare_inputs(recipe: Recipe, model, run_dir: Path, label_space, device: to
     label_dir = Path(cfg.pseudo_labels) if cfg.pseudo_labels else run_dir / "pseudo_labels"
     if not cfg.pseudo_labels:
         console.print(f"probability labels for {len(images)} target images -> {label_dir}")
-        shutil.rmtree(label_dir, ignore_errors=True)  # a half-written folder from an interrupted start
+        if distributed.current().is_main:  # a half-written folder from an interrupted start
+            shutil.rmtree(label_dir, ignore_errors=True)
+        distributed.barrier()
         generate_probability_labels(model, images, label_dir, label_space, device, cfg.pseudo_label_scales)
     if cfg.centroids:
         centroids = load_centroids(cfg.centroids, model)
@@ -148,9 +151,10 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
 
     run = TrainingRun(recipe, out, resume)
     student = (build_model(recipe.model.arch, label_space.num_classes) if resume else init_model).to(device)
+    student.set_training_options(recipe.model.dropout, recipe.model.freeze_bn_stats)
     teacher = make_teacher(student)
     optimizer = build_optimizer(student, recipe)
-    generator = torch.Generator().manual_seed(recipe.train.seed)
+    generator = distributed.ShardedGenerator(recipe.train.seed)  # augmentation and ClassMix draws
     networks = {"student": student, "teacher": teacher}
     if resume:
         extras = run.restore(networks, optimizer)
@@ -158,7 +162,9 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
         generator.set_state(extras["generator"])
     else:
         label_dir, centroids = prepare_inputs(recipe, student, run.dir, label_space, device)
-        torch.save({"centroids": centroids.cpu()}, run.dir / "initial_centroids.pt")
+        if run.is_main:
+            torch.save({"centroids": centroids.cpu()}, run.dir / "initial_centroids.pt")
+    trained = distributed.wrap(student, device)  # DDP under torchrun
 
     def stage_state() -> dict:
         return {"centroids": centroids.cpu(), "pseudo_labels": str(label_dir), "generator": generator.get_state()}
@@ -207,12 +213,14 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
 
             # 5. losses
             with autocast(device, recipe.train.bf16):
-                s_clean, s_cdm, s_mix = student(torch.cat([x_s, x_cdm, x_mix]))[0].chunk(3)
+                s_clean, s_cdm, s_mix = trained(torch.cat([x_s, x_cdm, x_mix]))[0].chunk(3)
             with torch.no_grad(), autocast(device, recipe.train.bf16):
                 t_src_logits, t_src_feat = teacher(torch.cat([x_s, x_cdm]))
             t_clean, t_cdm = t_src_logits.chunk(2)
-            loss_src = source_cross_entropy(s_clean, y_s, recipe.train)
-            loss_mix = consensus_cross_entropy(upsample_to(s_mix, size), prob_mix, feat_mix)
+            loss_src = distributed.global_mean(source_cross_entropy(s_clean, y_s, recipe.train),
+                                               (y_s != IGNORE_INDEX).sum())
+            loss_mix = distributed.global_mean(consensus_cross_entropy(upsample_to(s_mix, size), prob_mix, feat_mix),
+                                               ((prob_mix == feat_mix) & (prob_mix != IGNORE_INDEX)).sum())
             loss_dist = cross_view_distillation(upsample_to(s_clean, size), upsample_to(s_cdm, size),
                                                 upsample_to(t_clean, size), upsample_to(t_cdm, size),
                                                 reverse_scale=cfg.reverse_scale)
@@ -229,20 +237,22 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            distributed.average_buffers(student)
 
             done = step + 1
             tick(done, loss=loss)
             if run.should_log(done):
                 run.log(done, loss=loss, lr=lr, loss_src=loss_src, loss_mix=loss_mix, loss_dist=loss_dist,
                         **label_quality(consensus, target["label"].to(device)))
-            if recipe.warmup.visualize_every and (done % recipe.warmup.visualize_every == 0 or done == total):
+            if run.is_main and recipe.warmup.visualize_every and (done % recipe.warmup.visualize_every == 0 or done == total):
                 save_grid(run.dir / "images" / f"{done:07d}.png", label_space, images=[x_t, x_mix],
                           labels=[y_prob, y_feat, consensus, prob_mix, s_mix.detach().argmax(1)])
             run.checkpoint_and_evaluate(done, networks, optimizer, extras=stage_state,
                                         evaluate=lambda: evaluate_on_target(student, recipe, label_space, device))
 
     summary = evaluate_on_target(student, recipe, label_space, device)
-    torch.save({"centroids": centroids.cpu()}, run.dir / "centroids.pt")
+    if run.is_main:
+        torch.save({"centroids": centroids.cpu()}, run.dir / "centroids.pt")
     return run.finish(summary, networks, optimizer, stage_state())
 
 

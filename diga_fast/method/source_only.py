@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from diga_fast.data.labels import get_label_space
+from diga_fast.data.labels import IGNORE_INDEX, get_label_space
 from diga_fast.data.loader import make_loader
+from diga_fast.engine import distributed
 from diga_fast.engine.recipe import Recipe
 from diga_fast.engine.training import (
     TrainingRun,
@@ -33,8 +34,10 @@ def train_source(recipe: Recipe, out: str | Path, device: str | None = None, res
 
     run = TrainingRun(recipe, out, resume)
     model = build_model(recipe.model.arch, label_space.num_classes, recipe.model.pretrained).to(device)
+    model.set_training_options(recipe.model.dropout, recipe.model.freeze_bn_stats)
     optimizer = build_optimizer(model, recipe)
     run.restore({"model": model}, optimizer)
+    trained = distributed.wrap(model, device)  # DDP under torchrun
 
     total = recipe.train.iters
     batches = make_loader(
@@ -48,12 +51,13 @@ def train_source(recipe: Recipe, out: str | Path, device: str | None = None, res
             batch = next(batches)
             images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             with autocast(device, recipe.train.bf16):
-                logits, _ = model(images)
-            loss = source_cross_entropy(logits, labels, recipe.train)
+                logits, _ = trained(images)
+            loss = distributed.global_mean(source_cross_entropy(logits, labels, recipe.train), (labels != IGNORE_INDEX).sum())
             run.check_finite(step + 1, loss=loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            distributed.average_buffers(model)
 
             done = step + 1
             tick(done, loss=loss)

@@ -47,6 +47,7 @@ from diga_fast.data import build_dataset
 from diga_fast.data.labels import get_label_space
 from diga_fast.data.loader import make_loader
 from diga_fast.data.transforms import Compose, ContentRetry, RandomCrop, RandomHorizontalFlip, Resize
+from diga_fast.engine import distributed
 from diga_fast.engine.checkpoint import atomic_write, load_state_checked
 from diga_fast.engine.recipe import Recipe, TranslatorConfig
 from diga_fast.engine.training import TrainingRun, autocast, console, resolve_device, seed_everything, set_poly_lr
@@ -220,6 +221,8 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
     generator) into the run folder. Returns {"translator": path, "iters": N, "perceptual": bool}."""
     cfg = recipe.translator
     _check_config(cfg)
+    if distributed.launched():
+        raise DigaError("diga train translator runs in one process; start it without torchrun")
     device = resolve_device(device)
     seed_everything(recipe.train.seed)
     vgg = load_vgg_features(cfg.vgg_weights).to(device) if cfg.vgg_weights else None

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from diga_fast.data.labels import get_label_space
+from diga_fast.data.labels import IGNORE_INDEX, get_label_space
 from diga_fast.data.loader import make_loader
+from diga_fast.engine import distributed
 from diga_fast.engine.recipe import Recipe
 from diga_fast.engine.training import (
     TrainingRun,
@@ -56,13 +57,15 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
 
     run = TrainingRun(recipe, out, resume)
     student = build_model(recipe.model.arch, label_space.num_classes, recipe.model.pretrained).to(device)
+    student.set_training_options(recipe.model.dropout, recipe.model.freeze_bn_stats)
     teacher = make_teacher(student)
     optimizer = build_optimizer(student, recipe)
-    generator = torch.Generator().manual_seed(recipe.train.seed)  # augmentation and ClassMix draws
+    generator = distributed.ShardedGenerator(recipe.train.seed)  # augmentation and ClassMix draws
     networks = {"student": student, "teacher": teacher}
     extras = run.restore(networks, optimizer)
     if "generator" in extras:
         generator.set_state(extras["generator"])
+    trained = distributed.wrap(student, device)  # DDP under torchrun
 
     def loader(dataset):
         return make_loader(dataset, batch_size=recipe.data.batch_size, shuffle=True, num_workers=recipe.data.num_workers,
@@ -86,8 +89,9 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
             x_view = crdomix(x_aug, translated, y_s, generator) if translator is not None else x_aug
 
             with autocast(device, recipe.train.bf16):
-                logits_clean, logits_view = student(torch.cat([x_s, x_view]))[0].chunk(2)
-            loss_ce = source_cross_entropy(logits_clean, y_s, recipe.train)
+                logits_clean, logits_view = trained(torch.cat([x_s, x_view]))[0].chunk(2)
+            labelled = (y_s != IGNORE_INDEX).sum()
+            loss_ce = distributed.global_mean(source_cross_entropy(logits_clean, y_s, recipe.train), labelled)
             terms = {"loss_ce": loss_ce}
             if cfg.distill:
                 with torch.no_grad(), autocast(device, recipe.train.bf16):
@@ -100,18 +104,20 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
                 )
                 loss = loss_ce + cfg.lambda_distill * terms["loss_dist"]
             else:
-                terms["loss_ce_view"] = source_cross_entropy(logits_view, y_s, recipe.train)
+                terms["loss_ce_view"] = distributed.global_mean(source_cross_entropy(logits_view, y_s, recipe.train),
+                                                                labelled)
                 loss = loss_ce + terms["loss_ce_view"]
             run.check_finite(step + 1, loss=loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            distributed.average_buffers(student)
 
             done = step + 1
             tick(done, loss=loss)
             if run.should_log(done):
                 run.log(done, loss=loss, lr=lr, **terms)
-            if cfg.visualize_every and (done % cfg.visualize_every == 0 or done == total):
+            if run.is_main and cfg.visualize_every and (done % cfg.visualize_every == 0 or done == total):
                 prediction = logits_view.detach().argmax(1)
                 save_grid(run.dir / "images" / f"{done:07d}.png", label_space,
                           images=[x_s, x_aug] + ([translated, x_view] if translated is not None else []),

@@ -25,6 +25,29 @@ class SegmentationModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
+    freeze_bn_stats: bool = False
+
+    def set_training_options(self, dropout: float | None = None, freeze_bn_stats: bool | None = None) -> SegmentationModel:
+        """The recipe's ``model.dropout`` (the classifier's Dropout2d probability; None keeps the
+        architecture's) and ``model.freeze_bn_stats`` (BatchNorm normalises with its running statistics
+        in training too, so a step does not depend on how the batch is split, e.g. one image per GPU)."""
+        if dropout is not None:
+            for module in self.modules():
+                if isinstance(module, nn.modules.dropout._DropoutNd):
+                    module.p = float(dropout)
+        if freeze_bn_stats is not None:
+            self.freeze_bn_stats = bool(freeze_bn_stats)
+            self.train(self.training)
+        return self
+
+    def train(self, mode: bool = True) -> SegmentationModel:
+        super().train(mode)
+        if mode and self.freeze_bn_stats:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         return (image - self.pixel_mean) / self.pixel_std
 

@@ -1,0 +1,155 @@
+"""A run killed with SIGKILL mid-training and resumed ends bit-identical to an uninterrupted one, and
+an --out that cannot hold a run fails before training with one line."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from cli_helpers import TINY, assert_one_line_error, run
+from safetensors.torch import load_file
+
+TINY_STAGE = (*TINY, "data.crop=[48, 96]", "warmup.visualize_every=0")
+KILL_AFTER = 4  # SIGKILL once state.pt holds a checkpoint at this step or later
+RUN_FILES = {"config.yaml", "state.pt", "student.safetensors", "teacher.safetensors", "metrics.jsonl", "eval.json"}
+
+
+def _diga(*argv):
+    """``diga ARGV`` as a command line for a child process."""
+    return [sys.executable, "-m", "diga_fast.cli.main", *map(str, argv)]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}  # TRITON_INTERPRET (no GPU) comes from conftest
+
+
+def _train(out, iters, *extra):
+    return _diga("train", "warmup", "--out", out, "--iters", iters, *TINY_STAGE, "train.save_every=2", *extra)
+
+
+def _saved_step(out):
+    """The step of ``out/state.pt``, or None before the first checkpoint (it is renamed into place whole)."""
+    try:
+        return int(torch.load(out / "state.pt", map_location="cpu", weights_only=False)["step"])
+    except FileNotFoundError:
+        return None
+
+
+def _start_and_kill(out, iters, log):
+    """Start a run and SIGKILL it once a checkpoint at step >= KILL_AFTER exists; returns the step
+    state.pt holds after the kill, or None when the run ended before it could be killed."""
+    with open(log, "wb") as sink:
+        child = subprocess.Popen(_train(out, iters), stdout=sink, stderr=subprocess.STDOUT, env=_env())
+    try:
+        deadline, seen = time.monotonic() + 120, None
+        while time.monotonic() < deadline and child.poll() is None:
+            state = out / "state.pt"
+            stamp = state.stat().st_mtime_ns if state.exists() else None
+            if stamp is not None and stamp != seen:
+                seen = stamp
+                if (_saved_step(out) or 0) >= KILL_AFTER:
+                    os.kill(child.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.01)
+        else:
+            if child.poll() is None:
+                pytest.fail(f"no checkpoint at step {KILL_AFTER} within 120 s: {log.read_text()[-2000:]}")
+        code = child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if code != -signal.SIGKILL:
+        assert code == 0, log.read_text()[-2000:]
+        return None
+    return _saved_step(out)
+
+
+def _records(out):
+    """metrics.jsonl without the timing column."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "it_per_s"} for line in lines]
+
+
+def test_sigkilled_run_resumes_bit_identical(tmp_path):
+    crashed, straight = tmp_path / "crashed", tmp_path / "straight"
+    for iters in (40, 160):  # long enough that the kill lands mid-run; longer if this machine outran it
+        step = _start_and_kill(crashed, iters, tmp_path / "crashed.log")
+        if step is not None:
+            break
+        shutil.rmtree(crashed)
+    else:
+        pytest.fail("every run finished before it could be killed")
+    assert KILL_AFTER <= step < iters
+    assert not (crashed / "eval.json").exists()  # it really died mid-run
+    left = {p.name for p in crashed.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")}
+
+    resumed = subprocess.run(_diga("train", "warmup", "--resume", "--out", crashed, *TINY_STAGE), env=_env(),
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    done = subprocess.run(_train(straight, iters), env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    for name in ("student.safetensors", "teacher.safetensors"):
+        first, second = load_file(str(crashed / name)), load_file(str(straight / name))
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first), f"{name} differs after kill -9 and --resume"
+    assert _saved_step(crashed) == iters
+    assert _records(crashed) == _records(straight)  # the resumed log continues the killed one, step for step
+    names = {p.name for p in crashed.iterdir()}
+    assert RUN_FILES <= names and {n for n in names if not n.startswith(".")} == {p.name for p in straight.iterdir()}
+    hidden = {n for n in names if n.startswith(".")}
+    assert hidden <= left, f"the resumed run left {hidden - left}"  # only the kill may leave a temp file
+    assert all(n.endswith(".tmp") for n in hidden), hidden
+
+
+@pytest.mark.parametrize("case", ["read-only parent", "parent is a file", "out is a file"])
+def test_unwritable_out_fails_before_training(tmp_path, capsys, case):
+    if case == "read-only parent":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a chmod 0o500 folder anyway (the 'parent is a file' case runs)")
+        parent = tmp_path / "locked"
+        parent.mkdir()
+        parent.chmod(0o500)
+        out, fragment = parent / "run", "cannot write to --out"
+    elif case == "parent is a file":
+        (tmp_path / "file").write_text("")
+        out, fragment = tmp_path / "file" / "run", "cannot write to --out"
+    else:
+        (tmp_path / "run").write_text("")
+        out, fragment = tmp_path / "run", "is a file"  # click's own check of --out
+    try:
+        code, _, err = run(capsys, "train", "warmup", "--out", out, "--iters", "1", *TINY_STAGE)
+    finally:
+        if case == "read-only parent":
+            parent.chmod(0o700)
+    assert_one_line_error(code, err, fragment, str(out))
+    assert code == 2
+    assert not out.is_dir()
+
+
+def test_nearly_full_disk_fails_before_training(tmp_path, capsys, monkeypatch):
+    from diga_fast.engine import checkpoint
+
+    real, asked = checkpoint.shutil.disk_usage, []
+
+    def ten_mib_free(path):
+        asked.append(path)
+        return real(path)._replace(free=10 * 2**20)
+
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", ten_mib_free)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "warmup", "--out", out, "--iters", "1", *TINY_STAGE)
+    assert_one_line_error(code, err, str(out), "10.0 MiB free", f"{checkpoint.MIN_FREE_BYTES // 2**20} MiB")
+    assert code == 2 and asked
+    assert not (out / "config.yaml").exists() and not (out / "state.pt").exists()
+
+    monkeypatch.setattr(checkpoint, "MIN_FREE_BYTES", 2**20)  # the same disk with a lower floor: the run goes ahead
+    code, _, err = run(capsys, "train", "warmup", "--out", out, "--iters", "1", *TINY_STAGE)
+    assert code == 0, err
+    assert (out / "state.pt").is_file()

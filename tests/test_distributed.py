@@ -1,0 +1,84 @@
+"""``torchrun`` with the gloo backend on CPU, 2 processes: the ranks stay identical (weights, EMA
+teacher, BatchNorm statistics, centroids), and a 2 x 1-image run equals a 1 x 2-image run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli_helpers import run
+
+TINY = ("data.synthetic_train_images=8", "data.synthetic_val_images=3", "data.num_workers=0", "train.log_every=1",
+        "data.crop=[48, 96]", "warmup.visualize_every=0")
+# batch-split independent model: no dropout, BatchNorm on its running statistics
+SPLIT_FREE = ("model.dropout=0", "model.freeze_bn_stats=true")
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="this torch build has no gloo backend")
+
+
+def torchrun(cwd, *argv, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "diga_fast.cli.main", *map(str, argv)]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+def _assert_close(a, b, what):
+    for key in a:
+        assert torch.allclose(a[key].double(), b[key].double(), rtol=1e-4, atol=1e-5), f"{what}: {key}"
+
+
+def test_ranks_stay_identical_through_warmup_and_self_training(tmp_path):
+    warmup = tmp_path / "warmup"
+    done = torchrun(tmp_path, "train", "warmup", "--out", warmup, "--iters", "3", "data.batch_size=2", *TINY)
+    assert done.stdout.count("run folder:") == 1  # rank 0 reports for all
+    ranks = json.loads((warmup / "ranks.json").read_text())
+    assert ranks["world"] == 2 and ranks["identical"], ranks
+    steps = [json.loads(line)["step"] for line in (warmup / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3]  # one writer: three log steps and the final evaluation
+
+    self_run = tmp_path / "self"
+    torchrun(tmp_path, "train", "self", "--init", warmup, "--out", self_run, "--iters", "2", "data.batch_size=2", *TINY)
+    ranks = json.loads((self_run / "ranks.json").read_text())
+    assert ranks["identical"] and {"student", "teacher", "centroids"} <= set(ranks["fingerprints"]), ranks
+    assert len(list((self_run / "pseudo_labels" / "labels").glob("*.png"))) == 8  # both shards written
+    initial = torch.load(self_run / "initial_centroids.pt")["centroids"]
+    assert not torch.equal(initial, torch.load(self_run / "centroids.pt")["centroids"])
+
+
+def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, capsys):
+    single, double = tmp_path / "single", tmp_path / "double"
+    code, _, err = run(capsys, "train", "warmup", "--out", single / "warmup", "--iters", "3", "data.batch_size=2",
+                       *TINY, *SPLIT_FREE)
+    assert code == 0, err
+    torchrun(tmp_path, "train", "warmup", "--out", double / "warmup", "--iters", "3", "data.batch_size=1", *TINY, *SPLIT_FREE)
+    for name in ("student", "teacher"):
+        _assert_close(_weights(single / "warmup" / f"{name}.safetensors"),
+                      _weights(double / "warmup" / f"{name}.safetensors"), f"warm-up {name}")
+    evals = [json.loads((d / "warmup" / "eval.json").read_text()) for d in (single, double)]
+    assert evals[0]["miou"] == pytest.approx(evals[1]["miou"])  # sharded evaluation, counts summed
+
+    # self-training from the same warm-up: sharded pseudo-labels and centroids, gathered centroid updates
+    init = single / "warmup"
+    code, _, err = run(capsys, "train", "self", "--init", init, "--out", single / "self", "--iters", "2",
+                       "data.batch_size=2", *TINY, *SPLIT_FREE)
+    assert code == 0, err
+    torchrun(tmp_path, "train", "self", "--init", init, "--out", double / "self", "--iters", "2", "data.batch_size=1",
+             *TINY, *SPLIT_FREE)
+    _assert_close(_weights(single / "self" / "student.safetensors"), _weights(double / "self" / "student.safetensors"),
+                  "self-training student")
+    for name in ("initial_centroids.pt", "centroids.pt"):
+        a, b = (torch.load(d / "self" / name)["centroids"] for d in (single, double))
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
