@@ -12,6 +12,9 @@ INFER_IMPLS = (
     "torch-eager-fp16", "ort-cuda-fp32", "ort-cuda-fp16", "ort-cuda-fp32-iobinding", "ort-cuda-fp16-iobinding",
 )
 
+# = diga_fast.benchmarks.train.SETUPS, likewise.
+TRAIN_SETUPS = ("torch-fp32", "kernels-fp32", "kernels-bf16-cl", "torch-bf16-cl")
+
 
 @click.group(help="Benchmarks")
 def bench() -> None:
@@ -76,4 +79,30 @@ def infer_command(models, checkpoint, sizes, batch, repeats, impls, csv_path, th
         infer.run(models=list(models) or None, checkpoint=checkpoint, sizes=_parse_sizes(sizes), repeats=repeats,
                   csv_path=csv_path, impls=list(impls) or None, batch=batch, threads=threads, note=note)
     except OSError as err:  # an unwritable --csv path
+        raise click.ClickException(f"cannot write {err.filename}: {err.strerror}") from None
+
+
+@bench.command("train")
+@click.option("--preset", type=click.Choice(["paper", "demo"]), default=None,
+              help="Recipe to time [default: paper on CUDA, demo on CPU].")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed iterations per setup.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed iterations first.")
+@click.option("--setup", "setups", multiple=True, type=click.Choice(TRAIN_SETUPS),
+              help="Setup to time (repeatable) [default: the three of the issue on CUDA, torch-fp32 and torch-bf16-cl on CPU].")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option(
+    "--csv", "csv_path", type=click.Path(dir_okay=False), default="benchmarks/results/train.csv",
+    show_default=True, help="CSV to append the result rows to.",
+)
+@click.argument("overrides", nargs=-1)
+def train_command(preset, steps, warmup, setups, device, csv_path, overrides) -> None:
+    """One self-training iteration split into phases (data, EMA, teacher, labelling, mixing,
+    forward, centroids, backward) with peak memory, for the PyTorch fp32 reference, the Triton
+    kernels, and kernels + bf16 + channels_last. OVERRIDES: recipe key=value (e.g. data.batch_size=2)."""
+    from diga_fast.benchmarks import train
+
+    try:
+        train.run(preset=preset, steps=steps, warmup=warmup, setups=list(setups) or None, csv_path=csv_path,
+                  device=device, overrides=overrides)
+    except OSError as err:
         raise click.ClickException(f"cannot write {err.filename}: {err.strerror}") from None

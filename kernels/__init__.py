@@ -4,6 +4,7 @@ Every op takes ``backend=None | "triton" | "torch"``: ``None`` runs Triton on CU
 reference otherwise; ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set before import).
 """
 
+from ._common import default_backend
 from .assign_centroids import assign_centroids, assign_centroids_ref
 from .class_feature_sums import class_feature_sums, class_feature_sums_ref
 from .consensus_cross_entropy import consensus_cross_entropy, consensus_cross_entropy_ref
@@ -18,4 +19,5 @@ __all__ = [
     "consensus_cross_entropy_ref",
     "crdomix_blend",
     "crdomix_blend_ref",
+    "default_backend",
 ]

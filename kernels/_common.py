@@ -2,6 +2,7 @@
 sizes, and the one Triton helper every kernel uses to address a pixel of a [B, C, H, W] tensor of any
 strides (NCHW, channels_last, sliced views) without copying it."""
 
+import contextlib
 import os
 
 import torch
@@ -16,8 +17,28 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_default_backend: str | None = None
+
+
+@contextlib.contextmanager
+def default_backend(backend: str | None):
+    """Within the block, ops called with ``backend=None`` use ``backend`` (None: the automatic choice).
+    How a training run switches every op to its PyTorch reference (``train.kernels=false``)."""
+    global _default_backend
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected None, 'triton' or 'torch'")
+    previous, _default_backend = _default_backend, backend
+    try:
+        yield
+    finally:
+        _default_backend = previous
+
+
 def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
-    """``None`` → "triton" for CUDA tensors, "torch" otherwise; "triton" on CPU only when interpreting."""
+    """``None`` → the :func:`default_backend` in force, else "triton" for CUDA tensors and "torch"
+    otherwise; "triton" on CPU only when interpreting."""
+    if backend is None:
+        backend = _default_backend
     if backend is None:
         return "triton" if tensor.is_cuda else "torch"
     if backend not in BACKENDS:

@@ -73,6 +73,8 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 500
     bf16: bool = False
+    kernels: bool = True  # the fused Triton ops on CUDA; false = their PyTorch references everywhere
+    channels_last: bool = False  # student and teacher in channels_last memory format
     seed: int = 0
     # Supervised source loss: "ce", or "ohem" (official SYNTHIA: pixels with p_true below
     # max(ohem_thresh, the ohem_min_kept-th smallest p_true) only)

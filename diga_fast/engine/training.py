@@ -98,6 +98,35 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class PhaseTimer:
+    """Wall time of named phases of each training step, CUDA synchronised at the phase boundaries
+    (``diga bench train``). A disabled timer costs nothing and leaves the step asynchronous."""
+
+    def __init__(self, device: torch.device | None = None, enabled: bool = True) -> None:
+        self.sync = device is not None and device.type == "cuda"
+        self.enabled = enabled
+        self.steps: list[dict[str, float]] = []
+        self._current: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self._current[phase] = self._current.get(phase, 0.0) + time.perf_counter() - start
+
+    def next_step(self) -> None:
+        if self.enabled:
+            self.steps.append(self._current)
+            self._current = {}
+
+
 class TrainingRun:
     """A run folder and everything written into it.
 

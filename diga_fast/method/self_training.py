@@ -30,6 +30,7 @@ from diga_fast.engine.checkpoint import load_model
 from diga_fast.engine import distributed
 from diga_fast.engine.recipe import Recipe
 from diga_fast.engine.training import (
+    PhaseTimer,
     TrainingRun,
     autocast,
     build_optimizer,
@@ -39,7 +40,7 @@ from diga_fast.engine.training import (
     set_poly_lr,
 )
 from diga_fast.errors import DigaError
-from diga_fast.kernels import assign_centroids, consensus_cross_entropy, crdomix_blend
+from diga_fast.kernels import assign_centroids, consensus_cross_entropy, crdomix_blend, default_backend
 from diga_fast.method.augment import strong_view
 from diga_fast.method.centroids import agreement_labels, initial_centroids, update_centroids
 from diga_fast.method.common import (
@@ -129,8 +130,9 @@ def load_centroids(path: str | Path, model) -> torch.Tensor:
 
 
 def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device: str | None = None,
-               resume: bool = False) -> dict:
-    """One self-training round from the student in ``init`` (a warm-up or earlier round run)."""
+               resume: bool = False, timer: PhaseTimer | None = None) -> dict:
+    """One self-training round from the student in ``init`` (a warm-up or earlier round run).
+    ``timer`` (``diga bench train``) records the wall time of each phase of every step."""
     cfg = recipe.self_training
     if cfg.labels not in LABEL_MODES:
         raise DigaError(f"self_training.labels={cfg.labels!r}; choose from {', '.join(LABEL_MODES)}")
@@ -164,6 +166,9 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
         label_dir, centroids = prepare_inputs(recipe, student, run.dir, label_space, device)
         if run.is_main:
             torch.save({"centroids": centroids.cpu()}, run.dir / "initial_centroids.pt")
+    if recipe.train.channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
     trained = distributed.wrap(student, device)  # DDP under torchrun
 
     def stage_state() -> dict:
@@ -185,59 +190,68 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
     target_aug = type(source_aug)(**{**vars(source_aug), "beta": cfg.target_beta})
 
     total = recipe.train.iters
+    timer = timer or PhaseTimer(enabled=False)
     student.train()
-    with run.progress(total, f"self-training ({cfg.labels}, {cfg.metric})") as tick:
+    with run.progress(total, f"self-training ({cfg.labels}, {cfg.metric})") as tick, \
+            default_backend(None if recipe.train.kernels else "torch"):
         for step in range(run.step, total):
             lr = set_poly_lr(optimizer, step, total, recipe.optim.poly_power)
-            ema_update(teacher, student, step, recipe.warmup.ema_max)
-            source, target = next(source_batches), next(target_batches)
-            x_s, y_s = source["image"].to(device, non_blocking=True), source["label"].to(device, non_blocking=True)
-            x_t = target["image"].to(device, non_blocking=True)
-            y_prob = target["pseudo_label"].to(device, non_blocking=True)
+            with timer("ema"):
+                ema_update(teacher, student, step, recipe.warmup.ema_max)
+            with timer("data"):
+                source, target = next(source_batches), next(target_batches)
+                x_s, y_s = source["image"].to(device, non_blocking=True), source["label"].to(device, non_blocking=True)
+                x_t = target["image"].to(device, non_blocking=True)
+                y_prob = target["pseudo_label"].to(device, non_blocking=True)
             size = y_s.shape[-2:]
 
             # 1-2. feature-induced labels from the teacher on the clean target; consensus pairs
-            with torch.no_grad(), autocast(device, recipe.train.bf16):
+            with timer("teacher"), torch.no_grad(), autocast(device, recipe.train.bf16):
                 t_logits, t_feat = teacher(x_t)
-            y_feat = feature_labels(t_feat, centroids, y_prob.shape[-2:], cfg.metric, cfg.feat_upsample)
-            prob, feat = target_labels(cfg.labels, y_prob, y_feat, target["confidence"].to(device), cfg.threshold)
+            with timer("labelling"):
+                y_feat = feature_labels(t_feat, centroids, y_prob.shape[-2:], cfg.metric, cfg.feat_upsample)
+                prob, feat = target_labels(cfg.labels, y_prob, y_feat, target["confidence"].to(device), cfg.threshold)
 
-            # 3. cross-domain ClassMix: source classes pasted onto the strongly augmented target
-            selected = classmix_selection(y_s, generator)
-            x_mix = crdomix_blend(x_s, strong_view(x_t, target_aug, generator), y_s, selected)
-            prob_mix, feat_mix = classmix_labels(selected, y_s, prob), classmix_labels(selected, y_s, feat)
-
-            # 4. CrDoMix on the source
-            x_aug = strong_view(x_s, source_aug, generator)
-            x_cdm = crdomix(x_aug, translator(x_s, source), y_s, generator) if translator is not None else x_aug
+            with timer("mixing"):
+                # 3. cross-domain ClassMix: source classes pasted onto the strongly augmented target
+                selected = classmix_selection(y_s, generator)
+                x_mix = crdomix_blend(x_s, strong_view(x_t, target_aug, generator), y_s, selected)
+                prob_mix, feat_mix = classmix_labels(selected, y_s, prob), classmix_labels(selected, y_s, feat)
+                # 4. CrDoMix on the source
+                x_aug = strong_view(x_s, source_aug, generator)
+                x_cdm = crdomix(x_aug, translator(x_s, source), y_s, generator) if translator is not None else x_aug
 
             # 5. losses
-            with autocast(device, recipe.train.bf16):
-                s_clean, s_cdm, s_mix = trained(torch.cat([x_s, x_cdm, x_mix]))[0].chunk(3)
-            with torch.no_grad(), autocast(device, recipe.train.bf16):
-                t_src_logits, t_src_feat = teacher(torch.cat([x_s, x_cdm]))
-            t_clean, t_cdm = t_src_logits.chunk(2)
-            loss_src = distributed.global_mean(source_cross_entropy(s_clean, y_s, recipe.train),
-                                               (y_s != IGNORE_INDEX).sum())
-            loss_mix = distributed.global_mean(consensus_cross_entropy(upsample_to(s_mix, size), prob_mix, feat_mix),
-                                               ((prob_mix == feat_mix) & (prob_mix != IGNORE_INDEX)).sum())
-            loss_dist = cross_view_distillation(upsample_to(s_clean, size), upsample_to(s_cdm, size),
-                                                upsample_to(t_clean, size), upsample_to(t_cdm, size),
-                                                reverse_scale=cfg.reverse_scale)
-            loss = loss_src + loss_mix + cfg.lambda_distill * loss_dist
+            with timer("forward"):
+                with autocast(device, recipe.train.bf16):
+                    s_clean, s_cdm, s_mix = trained(torch.cat([x_s, x_cdm, x_mix]))[0].chunk(3)
+                with torch.no_grad(), autocast(device, recipe.train.bf16):
+                    t_src_logits, t_src_feat = teacher(torch.cat([x_s, x_cdm]))
+                t_clean, t_cdm = t_src_logits.chunk(2)
+                loss_src = distributed.global_mean(source_cross_entropy(s_clean, y_s, recipe.train),
+                                                   (y_s != IGNORE_INDEX).sum())
+                loss_mix = distributed.global_mean(consensus_cross_entropy(upsample_to(s_mix, size), prob_mix, feat_mix),
+                                                   ((prob_mix == feat_mix) & (prob_mix != IGNORE_INDEX)).sum())
+                loss_dist = cross_view_distillation(upsample_to(s_clean, size), upsample_to(s_cdm, size),
+                                                    upsample_to(t_clean, size), upsample_to(t_cdm, size),
+                                                    reverse_scale=cfg.reverse_scale)
+                loss = loss_src + loss_mix + cfg.lambda_distill * loss_dist
             run.check_finite(step + 1, loss=loss)
 
             # 6. online centroids from the teacher (before the student's update, as the official code)
-            consensus = torch.where(prob == feat, prob, torch.full_like(prob, IGNORE_INDEX))
-            update_centroids(centroids, t_feat, agreement_labels(t_logits, consensus), cfg.centroid_momentum,
-                             cfg.centroid_min_pixels)
-            update_centroids(centroids, t_src_feat.chunk(2)[1], agreement_labels(t_cdm, y_s), cfg.centroid_momentum,
-                             cfg.centroid_min_pixels)
+            with timer("centroids"):
+                consensus = torch.where(prob == feat, prob, torch.full_like(prob, IGNORE_INDEX))
+                update_centroids(centroids, t_feat, agreement_labels(t_logits, consensus), cfg.centroid_momentum,
+                                 cfg.centroid_min_pixels)
+                update_centroids(centroids, t_src_feat.chunk(2)[1], agreement_labels(t_cdm, y_s), cfg.centroid_momentum,
+                                 cfg.centroid_min_pixels)
 
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            distributed.average_buffers(student)
+            with timer("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                distributed.average_buffers(student)
+            timer.next_step()
 
             done = step + 1
             tick(done, loss=loss)

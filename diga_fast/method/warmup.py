@@ -30,6 +30,7 @@ from diga_fast.engine.training import (
     seed_everything,
     set_poly_lr,
 )
+from diga_fast.kernels import default_backend
 from diga_fast.method.augment import strong_view
 from diga_fast.method.common import (
     evaluate_on_target,
@@ -65,6 +66,9 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
     extras = run.restore(networks, optimizer)
     if "generator" in extras:
         generator.set_state(extras["generator"])
+    if recipe.train.channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
     trained = distributed.wrap(student, device)  # DDP under torchrun
 
     def loader(dataset):
@@ -77,7 +81,8 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
 
     total = recipe.train.iters
     student.train()
-    with run.progress(total, f"warm-up ({recipe.data.source})") as tick:
+    with run.progress(total, f"warm-up ({recipe.data.source})") as tick, \
+            default_backend(None if recipe.train.kernels else "torch"):
         for step in range(run.step, total):
             lr = set_poly_lr(optimizer, step, total, recipe.optim.poly_power)
             ema_update(teacher, student, step, cfg.ema_max)
