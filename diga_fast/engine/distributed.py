@@ -136,6 +136,23 @@ def global_mean(loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return loss * (_current.world * count / total.clamp(min=1)).to(loss.dtype).squeeze(0)
 
 
+def average_gradients(parameters) -> None:
+    """Average the gradients of ``parameters`` over ranks in one collective (what DDP does, for
+    networks run several times per step, like the translator's generators and discriminators)."""
+    if not _current.enabled:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(_current.world)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
 def average_buffers(module: torch.nn.Module) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over ranks, in place."""
     if not _current.enabled:

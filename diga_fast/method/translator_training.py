@@ -88,11 +88,12 @@ def semantic_edges(labels: torch.Tensor, threshold: float = 0.1) -> torch.Tensor
 
 
 def semantic_edge_l1(translated: torch.Tensor, source: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean |translated - source| over the semantic-edge pixels of ``labels`` (and the channels)."""
+    """Mean |translated - source| over the semantic-edge pixels of ``labels`` (and the channels);
+    under torchrun, scaled so that the gradient average is the mean over all ranks' edge pixels."""
     edges = semantic_edges(labels).unsqueeze(1).expand_as(source)
     count = edges.sum()
     diff = (translated.float() - source.float()).abs()
-    return torch.where(edges, diff, torch.zeros_like(diff)).sum() / count.clamp(min=1)
+    return distributed.global_mean(torch.where(edges, diff, torch.zeros_like(diff)).sum() / count.clamp(min=1), count)
 
 
 def perceptual_loss(vgg: VGGFeatures, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -221,8 +222,6 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
     generator) into the run folder. Returns {"translator": path, "iters": N, "perceptual": bool}."""
     cfg = recipe.translator
     _check_config(cfg)
-    if distributed.launched():
-        raise DigaError("diga train translator runs in one process; start it without torchrun")
     device = resolve_device(device)
     seed_everything(recipe.train.seed)
     vgg = load_vgg_features(cfg.vgg_weights).to(device) if cfg.vgg_weights else None
@@ -252,7 +251,7 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
     if vgg is None:
         note = "perceptual loss off: translator.vgg_weights is not set (a local torchvision vgg16/vgg19 state dict)"
         console.print(note, highlight=False)
-        if not resume:
+        if not resume and run.is_main:
             run.metrics.write(run.step, note=note)
 
     def loader(dataset):
@@ -262,7 +261,8 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
     source_batches, target_batches = loader(source_set), loader(target_set)
 
     def save(step: int) -> None:
-        save_translator(run.dir / TRANSLATOR_FILE, nets.s2t, recipe.digest())
+        if run.is_main:
+            save_translator(run.dir / TRANSLATOR_FILE, nets.s2t, recipe.digest())
         run.save(step, {}, None, extras={"nets": nets.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()})
 
     total = recipe.train.iters
@@ -285,6 +285,7 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
             run.check_finite(step + 1, loss_g=loss_g)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
+            distributed.average_gradients(nets.generator_parameters())  # under torchrun
             opt_g.step()
 
             nets.dis_s2t.requires_grad_(True)
@@ -294,7 +295,9 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
             run.check_finite(step + 1, loss_d=loss_d)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
+            distributed.average_gradients(nets.discriminator_parameters())
             opt_d.step()
+            distributed.average_buffers(nets)
 
             done = step + 1
             tick(done, loss_g=loss_g, loss_d=loss_d)
@@ -305,7 +308,7 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
 
     if run.step < total or not (run.dir / TRANSLATOR_FILE).is_file():
         save(total)
-    if images:
+    if images and run.is_main:
         _save_preview(run.dir / "preview.png", [x_s, images["s2t"], x_t, images["t2s"]])
     run.close()
     path = run.dir / TRANSLATOR_FILE
