@@ -153,3 +153,24 @@ def test_nearly_full_disk_fails_before_training(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "train", "warmup", "--out", out, "--iters", "1", *TINY_STAGE)
     assert code == 0, err
     assert (out / "state.pt").is_file()
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    from diga_fast.engine.checkpoint import MetricsLog
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        log.write(step, loss=1.0 / step)
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 4, "lo')  # the kill landed mid-write
+    log.truncate_after(2)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    from diga_fast.engine.checkpoint import atomic_write
+
+    atomic_write(tmp_path / "a.txt", lambda tmp: tmp.write_text("x"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == 0o666 & ~mask

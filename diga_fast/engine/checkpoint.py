@@ -31,11 +31,21 @@ WEIGHT_FILES = ("model.safetensors", "student.safetensors")  # what a run folder
 MIN_FREE_BYTES = 64 * 2**20  # a run folder's disk must have this much free before training starts
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     try:
         write(Path(tmp))
         with open(tmp, "rb") as handle:
@@ -188,10 +198,18 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records written after the checkpoint being resumed from."""
+        """On resume, drop records written after the checkpoint being resumed from (and a last line
+        cut short by a kill)."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["step"] <= step:
+                keep.append(line)
         atomic_write(self.path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
 
     def close(self) -> None:

@@ -172,6 +172,7 @@ class TrainingRun:
             "modules": {name: module.state_dict() for name, module in modules.items()},
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "rng": _rng_state(),
+            "world": distributed.current().world,
             "extras": extras or {},
         }
         save_state(self.dir / "state.pt", state)
@@ -195,6 +196,10 @@ class TrainingRun:
         if optimizer is not None and state["optimizer"] is not None:
             optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
+        saved_world, world = int(state.get("world", 1)), distributed.current().world
+        if saved_world != world:
+            console.print(f"[yellow]warning: resuming with {world} process(es) a run saved with {saved_world}: the global "
+                          "batch changes, so the rest of the run differs from an uninterrupted one[/yellow]")
         self.step = self.last_saved_step = int(state["step"])
         if self.metrics is not None:
             self.metrics.truncate_after(self.step)
