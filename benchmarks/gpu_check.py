@@ -3,7 +3,7 @@
     pip install --no-deps --no-build-isolation -e .      # once, if diga-fast is not installed there
     python benchmarks/gpu_check.py                        # all four stages below, a few minutes
 
-Options: --skip-tests, --skip-checks, --skip-bench (run the stages as separate commands when one
+Options: --skip-tests, --skip-checks, --skip-bench, --skip-train-bench (run the stages as separate commands when one
 command may not take that long; the report is appended to), --quick-bench (small shapes), --dtype
 (repeatable; default fp32 and bf16). It prints, and writes to ``benchmarks/results/``:
   gpu_check_<device>.txt    everything printed
@@ -16,7 +16,8 @@ PYTHONPATH=$PWD/.venv/lib/python3.11/site-packages; without pytest the stage is 
 Stages: (1) the kernel tests compiled for real (``pytest tests/test_kernel_*.py``); (2) each kernel at
 full size against a float64 reference and the eager fp32 version (max abs error, label agreement,
 exact equality where the op is a selection); (3) assign_centroids with each fp32 dot precision
-(tf32x3 / ieee / tf32) for speed and accuracy; (4) the full bench (``diga bench kernels``).
+(tf32x3 / ieee / tf32) for speed and accuracy; (4) the full bench (``diga bench kernels``); (5) one
+self-training iteration of the paper preset, three setups (``diga bench train``; rows in train.csv).
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ def main() -> None:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--quick-bench", action="store_true")
+    parser.add_argument("--skip-train-bench", action="store_true")
     parser.add_argument("--dtype", action="append", choices=["fp32", "fp16", "bf16"])
     args = parser.parse_args()
     dtypes = args.dtype or ["fp32", "bf16"]
@@ -288,6 +290,12 @@ def main() -> None:
 
             kernels.run(quick=args.quick_bench, csv_path=RESULTS / "kernels.csv",
                         plot_path=RESULTS / f"kernels_{tag}.png", dtypes=dtypes)
+            print(f"[{time.perf_counter() - t:.0f} s]")
+        if not args.skip_train_bench:
+            t = _stage("5. training step (diga bench train, paper preset)")
+            from diga_fast.benchmarks import train
+
+            train.run(steps=10, warmup=3, csv_path=RESULTS / "train.csv")
             print(f"[{time.perf_counter() - t:.0f} s]")
     finally:
         print(f"\ntotal {time.perf_counter() - start:.0f} s; tests {'FAILED' if failures else 'ok or skipped'}; "
