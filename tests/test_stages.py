@@ -134,3 +134,19 @@ def test_pseudo_label_and_centroid_commands_feed_self_training(tmp_path, capsys,
     assert code == 0, err
     assert not (out / "pseudo_labels").exists()
     assert torch.equal(torch.load(out / "initial_centroids.pt")["centroids"], torch.load(tmp_path / "c.pt")["centroids"])
+
+
+def test_nan_features_stop_self_training_naming_the_step(tmp_path, capsys, monkeypatch, warmup_run):
+    import diga_fast.method.self_training as stage
+
+    real, calls = stage.update_centroids, []
+
+    def nan_features_at_step_2(centroids, features, labels, momentum, min_pixels):
+        calls.append(1)
+        return real(centroids, features * float("nan") if len(calls) == 3 else features, labels, momentum, min_pixels)
+
+    monkeypatch.setattr(stage, "update_centroids", nan_features_at_step_2)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "self", "--init", warmup_run, "--out", out, "--iters", "3", *TINY_STAGE)
+    assert_one_line_error(code, err, "centroids is nan at step 2", "no checkpoint was written yet")
+    assert not (out / "student.safetensors").exists()

@@ -236,7 +236,6 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
                                                     upsample_to(t_clean, size), upsample_to(t_cdm, size),
                                                     reverse_scale=cfg.reverse_scale)
                 loss = loss_src + loss_mix + cfg.lambda_distill * loss_dist
-            run.check_finite(step + 1, loss=loss)
 
             # 6. online centroids from the teacher (before the student's update, as the official code)
             with timer("centroids"):
@@ -245,6 +244,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
                                  cfg.centroid_min_pixels)
                 update_centroids(centroids, t_src_feat.chunk(2)[1], agreement_labels(t_cdm, y_s), cfg.centroid_momentum,
                                  cfg.centroid_min_pixels)
+            run.check_finite(step + 1, loss=loss, centroids=centroids.sum())  # NaN features reach the centroids
 
             with timer("backward"):
                 optimizer.zero_grad(set_to_none=True)
