@@ -99,21 +99,23 @@ def plot_consensus(out: Path, seeds: list[int], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 4.0), dpi=120)
     offset = 0
     for round_index, name in enumerate(["consensus (cosine)", "consensus (cosine), round 2"], start=1):
         per_seed = [[json.loads(line) for line in (out / f"{slug(name)}_s{seed}" / "metrics.jsonl").open()]
                     for seed in seeds]
         per_seed = [[r for r in records if "consensus_kept" in r] for records in per_seed]
         steps = [r["step"] for r in per_seed[0]]
-        for key, label, colour in [("consensus_kept", "kept share", "tab:blue"),
-                                   ("consensus_accuracy", "accuracy of kept pixels", "tab:orange")]:
+        for key, label, colour in [("consensus_kept", "share of pixels the consensus keeps", "tab:blue"),
+                                   ("consensus_accuracy", "accuracy of the kept pixels", "tab:orange"),
+                                   ("prob_accuracy", "accuracy of all probability labels", "tab:green"),
+                                   ("feat_accuracy", "accuracy of all feature labels", "tab:red")]:
             mean = [statistics.mean(records[i][key] for records in per_seed) for i in range(len(steps))]
             ax.plot([offset + s for s in steps], mean, color=colour, label=label if round_index == 1 else None)
         offset += steps[-1]
         ax.axvline(offset, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("self-training step (round 1, then round 2)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0.4, 1)
     ax.set_title(f"bilateral consensus on target crops, mean of seeds {' '.join(map(str, seeds))}")
     ax.legend(loc="lower right")
     fig.tight_layout()

@@ -105,6 +105,8 @@ def test_label_quality():
     quality = label_quality(consensus, truth)
     assert quality["consensus_kept"].item() == pytest.approx(0.75)
     assert quality["consensus_accuracy"].item() == pytest.approx(0.5)  # pixels 0 and 2 are kept and known
+    quality = label_quality(consensus, truth, prob=torch.tensor([[1, 2, 3, 3]]))
+    assert quality["prob_accuracy"].item() == pytest.approx(2 / 3)  # over the three known pixels
 
 
 class _Images:

@@ -150,3 +150,13 @@ def test_nan_features_stop_self_training_naming_the_step(tmp_path, capsys, monke
     code, _, err = run(capsys, "train", "self", "--init", warmup_run, "--out", out, "--iters", "3", *TINY_STAGE)
     assert_one_line_error(code, err, "centroids is nan at step 2", "no checkpoint was written yet")
     assert not (out / "student.safetensors").exists()
+
+
+def test_compile_and_channels_last_switches(tmp_path, capsys, warmup_run):
+    """torch.compile (through dynamo; the eager backend keeps CI fast) and channels_last, for the
+    warm-up and self-training forward passes."""
+    options = ("--iters", "1", *TINY_STAGE, "train.compile=true", "train.compile_backend=eager", "train.channels_last=true")
+    code, _, err = run(capsys, "train", "warmup", "--out", tmp_path / "w", *options)
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "self", "--init", warmup_run, "--out", tmp_path / "s", *options)
+    assert code == 0, err

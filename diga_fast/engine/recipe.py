@@ -75,6 +75,8 @@ class TrainConfig:
     bf16: bool = False
     kernels: bool = True  # the fused Triton ops on CUDA; false = their PyTorch references everywhere
     channels_last: bool = False  # student and teacher in channels_last memory format
+    compile: bool = False  # torch.compile the student's training forward pass
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager", "eager" to debug)
     seed: int = 0
     # Supervised source loss: "ce", or "ohem" (official SYNTHIA: pixels with p_true below
     # max(ohem_thresh, the ohem_min_kept-th smallest p_true) only)

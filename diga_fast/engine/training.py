@@ -50,6 +50,20 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def training_forward(model: SegmentationModel, recipe: Recipe, device: torch.device,
+                     *others: torch.nn.Module) -> torch.nn.Module:
+    """What a stage calls for the training forward pass of ``model``: channels_last (also applied to
+    ``others``, e.g. the EMA teacher) when ``train.channels_last``, DistributedDataParallel under
+    torchrun, ``torch.compile`` when ``train.compile``. Weights stay those of ``model``."""
+    if recipe.train.channels_last:
+        for module in (model, *others):
+            module.to(memory_format=torch.channels_last)
+    trained = distributed.wrap(model, device)
+    if recipe.train.compile:
+        trained = torch.compile(trained, backend=recipe.train.compile_backend)
+    return trained
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

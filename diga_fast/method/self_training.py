@@ -38,6 +38,7 @@ from diga_fast.engine.training import (
     resolve_device,
     seed_everything,
     set_poly_lr,
+    training_forward,
 )
 from diga_fast.errors import DigaError
 from diga_fast.kernels import assign_centroids, consensus_cross_entropy, crdomix_blend, default_backend
@@ -166,10 +167,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
         label_dir, centroids = prepare_inputs(recipe, student, run.dir, label_space, device)
         if run.is_main:
             torch.save({"centroids": centroids.cpu()}, run.dir / "initial_centroids.pt")
-    if recipe.train.channels_last:
-        student.to(memory_format=torch.channels_last)
-        teacher.to(memory_format=torch.channels_last)
-    trained = distributed.wrap(student, device)  # DDP under torchrun
+    trained = training_forward(student, recipe, device, teacher)  # channels_last, DDP, compile as asked
 
     def stage_state() -> dict:
         return {"centroids": centroids.cpu(), "pseudo_labels": str(label_dir), "generator": generator.get_state()}
@@ -257,7 +255,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
             tick(done, loss=loss)
             if run.should_log(done):
                 run.log(done, loss=loss, lr=lr, loss_src=loss_src, loss_mix=loss_mix, loss_dist=loss_dist,
-                        **label_quality(consensus, target["label"].to(device)))
+                        **label_quality(consensus, target["label"].to(device), prob=y_prob, feat=y_feat))
             if run.is_main and recipe.warmup.visualize_every and (done % recipe.warmup.visualize_every == 0 or done == total):
                 save_grid(run.dir / "images" / f"{done:07d}.png", label_space, images=[x_t, x_mix],
                           labels=[y_prob, y_feat, consensus, prob_mix, s_mix.detach().argmax(1)])
@@ -270,9 +268,11 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
     return run.finish(summary, networks, optimizer, stage_state())
 
 
-def label_quality(consensus: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
+def label_quality(consensus: torch.Tensor, truth: torch.Tensor, **sources: torch.Tensor) -> dict[str, torch.Tensor]:
     """Share of target pixels the consensus keeps, and their accuracy where the true label is known
-    (the built-in pair has target labels; real targets report only the share)."""
+    (the built-in pair has target labels; real targets report only the share). ``sources`` (e.g.
+    ``prob=y_prob, feat=y_feat``) add each full label map's accuracy, ``<name>_accuracy``: what the
+    consensus is measured against."""
     kept = consensus != IGNORE_INDEX
     known = truth != IGNORE_INDEX
     quality = {"consensus_kept": kept.float().mean()}
@@ -280,6 +280,8 @@ def label_quality(consensus: torch.Tensor, truth: torch.Tensor) -> dict[str, tor
         quality["consensus_accuracy"] = (consensus[kept & known] == truth[kept & known]).float().mean() \
             if bool((kept & known).any()) else torch.tensor(float("nan"))
         quality["consensus_kept_known"] = kept[known].float().mean()
+        for name, labels in sources.items():
+            quality[f"{name}_accuracy"] = (labels[known] == truth[known]).float().mean()
     return quality
 
 

@@ -17,6 +17,7 @@ from diga_fast.engine.training import (
     resolve_device,
     seed_everything,
     set_poly_lr,
+    training_forward,
 )
 from diga_fast.method.common import evaluate_on_target, source_train_dataset, target_val_dataset
 from diga_fast.method.losses import source_cross_entropy
@@ -37,7 +38,7 @@ def train_source(recipe: Recipe, out: str | Path, device: str | None = None, res
     model.set_training_options(recipe.model.dropout, recipe.model.freeze_bn_stats)
     optimizer = build_optimizer(model, recipe)
     run.restore({"model": model}, optimizer)
-    trained = distributed.wrap(model, device)  # DDP under torchrun
+    trained = training_forward(model, recipe, device)  # channels_last, DDP, compile as asked
 
     total = recipe.train.iters
     batches = make_loader(

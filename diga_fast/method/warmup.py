@@ -29,6 +29,7 @@ from diga_fast.engine.training import (
     resolve_device,
     seed_everything,
     set_poly_lr,
+    training_forward,
 )
 from diga_fast.kernels import default_backend
 from diga_fast.method.augment import strong_view
@@ -66,10 +67,7 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
     extras = run.restore(networks, optimizer)
     if "generator" in extras:
         generator.set_state(extras["generator"])
-    if recipe.train.channels_last:
-        student.to(memory_format=torch.channels_last)
-        teacher.to(memory_format=torch.channels_last)
-    trained = distributed.wrap(student, device)  # DDP under torchrun
+    trained = training_forward(student, recipe, device, teacher)  # channels_last, DDP, compile as asked
 
     def loader(dataset):
         return make_loader(dataset, batch_size=recipe.data.batch_size, shuffle=True, num_workers=recipe.data.num_workers,
