@@ -41,6 +41,7 @@ def pseudo_label(checkpoint, target, synthetic_images, seed, device, out, scales
     """Probability labels: the model's argmax on every target training image, no threshold."""
     from diga_fast.cli.evaluate import parse_scales
     from diga_fast.data.labels import get_label_space
+    from diga_fast.engine import distributed
     from diga_fast.engine.checkpoint import load_model
     from diga_fast.engine.training import resolve_device
     from diga_fast.method.pseudo_labels import INDEX_FILE, generate_probability_labels
@@ -51,8 +52,9 @@ def pseudo_label(checkpoint, target, synthetic_images, seed, device, out, scales
     images = _target_images(target, space, synthetic_images, seed)
     if (Path(out) / INDEX_FILE).exists():
         raise DigaError(f"{out} already holds pseudo-labels; choose another --out")
-    generate_probability_labels(model.to(dev), images, out, space, dev, parse_scales(scales))
-    click.echo(f"wrote probability labels for {len(images)} images to {out}")
+    generate_probability_labels(model.to(dev), images, out, space, dev, parse_scales(scales))  # sharded under torchrun
+    if distributed.current().is_main:
+        click.echo(f"wrote probability labels for {len(images)} images to {out}")
 
 
 @click.command("centroids")
@@ -61,11 +63,12 @@ def pseudo_label(checkpoint, target, synthetic_images, seed, device, out, scales
 def centroids(checkpoint, target, synthetic_images, seed, device, out) -> None:
     """Initial class centroids: per-class mean feature over the target train images, each pixel
     assigned to the model's own argmax class."""
-    from diga_fast.data.labels import get_label_space
-    from diga_fast.engine.checkpoint import atomic_write, load_model
-    from diga_fast.engine.training import resolve_device
     import torch
 
+    from diga_fast.data.labels import get_label_space
+    from diga_fast.engine import distributed
+    from diga_fast.engine.checkpoint import atomic_write, load_model
+    from diga_fast.engine.training import resolve_device
     from diga_fast.method.centroids import initial_centroids
 
     dev = resolve_device(device)
@@ -75,7 +78,9 @@ def centroids(checkpoint, target, synthetic_images, seed, device, out) -> None:
     path = Path(out)
     if not path.parent.is_dir():
         raise DigaError(f"--out: folder {path.parent} does not exist")
-    values, counts = initial_centroids(model.to(dev), images, dev)
+    values, counts = initial_centroids(model.to(dev), images, dev)  # sharded under torchrun
+    if not distributed.current().is_main:
+        return
     atomic_write(path, lambda tmp: torch.save({"centroids": values.cpu(), "pixel_counts": counts.cpu()}, tmp))
     seen = int((counts > 0).sum())
     click.echo(f"wrote {values.shape[0]}x{values.shape[1]} centroids to {path} ({seen} classes seen)")
