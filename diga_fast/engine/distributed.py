@@ -39,6 +39,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where collectives' own tensors live (NCCL: this GPU)
 
     @property
     def is_main(self) -> bool:
@@ -77,7 +78,7 @@ def setup(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    _current = DistInfo(rank, world, local_rank)
+    _current = DistInfo(rank, world, local_rank, device)
     return device
 
 
@@ -102,7 +103,7 @@ def any_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on at least one rank (all ranks get the same answer)."""
     if not _current.enabled:
         return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)])).item())
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=_current.device)).item())
 
 
 def barrier() -> None:
@@ -131,7 +132,7 @@ def global_mean(loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     average equals the gradient of the mean over all ranks' items: loss * N * count / sum(count)."""
     if not _current.enabled:
         return loss
-    count = count.detach().to(torch.float64).reshape(1)
+    count = count.detach().to(_current.device, torch.float64).reshape(1)
     total = all_reduce_sum(count.clone())
     return loss * (_current.world * count / total.clamp(min=1)).to(loss.dtype).squeeze(0)
 

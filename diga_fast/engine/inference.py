@@ -73,7 +73,7 @@ def evaluate_model(
     was_training = is_module and model.training
     if is_module:
         model.eval()
-    matrix = ConfusionMatrix(label_space.num_classes)
+    matrix = ConfusionMatrix(label_space.num_classes, device=device)  # on the device: NCCL reduces it there
     info = distributed.current()
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     shard = Subset(dataset, range(info.rank, count, info.world))
