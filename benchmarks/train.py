@@ -23,7 +23,6 @@ import datetime as dt
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -94,9 +93,7 @@ def run(preset: str | None = None, steps: int = 20, warmup: int = 5, setups: lis
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
-            start = time.perf_counter()
             train_self(recipe, Path(tmp) / setup, init, device=str(dev), timer=timer)
-            wall = time.perf_counter() - start
             measured = timer.steps[warmup:]
             phase_ms = {p: 1e3 * statistics.mean(s.get(p, 0.0) for s in measured) for p in PHASES}
             total = sum(phase_ms.values())
@@ -107,7 +104,6 @@ def run(preset: str | None = None, steps: int = 20, warmup: int = 5, setups: lis
                 "setup": setup, "steps": len(measured), **{f"{p}_ms": v for p, v in phase_ms.items()},
                 "total_ms": total, "it_per_s": 1e3 / total,
                 "peak_mem_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan"),
-                "wall_s": wall,
             })
     reference = rows[0]
     for row in rows:

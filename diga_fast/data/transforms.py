@@ -58,6 +58,13 @@ def _resize_label(label: Label, size: tuple[int, int]) -> Label:
     return np.asarray(Image.fromarray(label).resize((size[1], size[0]), Image.Resampling.NEAREST))
 
 
+def _random_window(image: np.ndarray, label: Label, crop: tuple[int, int]) -> tuple[np.ndarray, Label]:
+    """A uniformly placed ``crop`` window of an image at least that large (and of its label)."""
+    (h, w), (ch, cw) = image.shape[:2], crop
+    top, left = _randint(0, h - ch), _randint(0, w - cw)
+    return image[top:top + ch, left:left + cw], (None if label is None else label[top:top + ch, left:left + cw])
+
+
 def _randint(low: int, high: int) -> int:
     """Uniform integer in [low, high] (inclusive), from torch's global RNG."""
     return int(torch.randint(low, high + 1, ()).item())
@@ -119,12 +126,7 @@ class RandomScaleCrop:
             return (_resize_image(image, self.crop, Image.Resampling.BILINEAR),
                     _resize_label(label, self.crop))
         image = _resize_image(image, (new_h, new_w), Image.Resampling.BILINEAR)
-        label = _resize_label(label, (new_h, new_w))
-        top, left = _randint(0, new_h - ch), _randint(0, new_w - cw)
-        image = image[top:top + ch, left:left + cw]
-        if label is not None:
-            label = label[top:top + ch, left:left + cw]
-        return image, label
+        return _random_window(image, _resize_label(label, (new_h, new_w)), self.crop)
 
     def __repr__(self) -> str:
         return f"RandomScaleCrop(crop={self.crop}, scale={self.scale})"
@@ -153,12 +155,7 @@ class RandomCrop:
             image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=0)
             if label is not None:
                 label = np.pad(label, ((0, ph), (0, pw)) + ((0, 0),) * (label.ndim - 2), constant_values=IGNORE_INDEX)
-            h, w = image.shape[:2]
-        top, left = _randint(0, h - ch), _randint(0, w - cw)
-        image = image[top:top + ch, left:left + cw]
-        if label is not None:
-            label = label[top:top + ch, left:left + cw]
-        return image, label
+        return _random_window(image, label, self.crop)
 
     def __repr__(self) -> str:
         return f"RandomCrop({self.crop}, if_smaller={self.if_smaller!r})"

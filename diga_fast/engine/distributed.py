@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,41 +128,41 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def global_mean(loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``loss`` is this rank's mean over ``count`` items (pixels); rescale it so that DDP's gradient
-    average equals the gradient of the mean over all ranks' items: loss * N * count / sum(count)."""
+def global_mean(loss: torch.Tensor, count: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``loss`` is this rank's mean over ``count()`` items (pixels); rescale it so that DDP's gradient
+    average equals the gradient of the mean over all ranks' items: loss * N * count / sum(count).
+    ``count`` is only called under torchrun, so a single process pays nothing."""
     if not _current.enabled:
         return loss
-    count = count.detach().to(_current.device, torch.float64).reshape(1)
-    total = all_reduce_sum(count.clone())
-    return loss * (_current.world * count / total.clamp(min=1)).to(loss.dtype).squeeze(0)
+    mine = count().detach().to(_current.device, torch.float64).reshape(1)
+    total = all_reduce_sum(mine.clone())
+    return loss * (_current.world * mine / total.clamp(min=1)).to(loss.dtype).squeeze(0)
 
 
-def average_gradients(parameters) -> None:
-    """Average the gradients of ``parameters`` over ranks in one collective (what DDP does, for
-    networks run several times per step, like the translator's generators and discriminators)."""
-    if not _current.enabled:
+def _average(tensors: list[torch.Tensor]) -> None:
+    """Average ``tensors`` over ranks in place, in one collective."""
+    if not tensors:
         return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat.div_(_current.world)
     offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    for tensor in tensors:
+        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
+def average_gradients(parameters) -> None:
+    """Average the gradients of ``parameters`` over ranks (what DDP does, for networks run several
+    times per step, like the translator's generators and discriminators)."""
+    if _current.enabled:
+        _average([p.grad for p in parameters if p.grad is not None])
 
 
 def average_buffers(module: torch.nn.Module) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over ranks, in place."""
-    if not _current.enabled:
-        return
-    for buffer in module.buffers():
-        if buffer.is_floating_point():
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-            buffer.div_(_current.world)
+    if _current.enabled:
+        _average([b for b in module.buffers() if b.is_floating_point()])
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -64,6 +64,15 @@ def training_forward(model: SegmentationModel, recipe: Recipe, device: torch.dev
     return trained
 
 
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """One optimisation step of ``model`` on ``loss``; under torchrun its BatchNorm statistics are
+    then averaged so that every rank (and the EMA teacher built from them) stays identical."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    distributed.average_buffers(model)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -254,8 +263,7 @@ class TrainingRun:
         written to ``ranks.json``; the ranks must hold identical copies."""
         names = [*modules, *(k for k, v in extras.items() if torch.is_tensor(v) and v.is_floating_point())]
         tensors = [list(modules[n].state_dict().values()) if n in modules else [extras[n]] for n in names]
-        device = next(iter(modules.values())).parameters().__next__().device
-        mine = torch.stack([distributed.fingerprint(group) for group in tensors]).to(device)
+        mine = torch.stack([distributed.fingerprint(group) for group in tensors]).to(distributed.current().device)
         every = distributed.gather_rows(mine[None]).cpu()
         identical = bool((every == every[0]).all())
         if not identical:
@@ -269,7 +277,8 @@ class TrainingRun:
 
     def check_finite(self, step: int, **values: torch.Tensor) -> None:
         """Stop with one line naming the value and the step when one is NaN/inf (on any rank)."""
-        bad = [(name, float(value.detach())) for name, value in values.items() if not math.isfinite(float(value.detach()))]
+        numbers = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()  # one sync
+        bad = [(name, number) for name, number in zip(values, numbers) if not math.isfinite(number)]
         if not distributed.any_rank(bool(bad)):
             return
         where = (f"the last good checkpoint (step {self.last_saved_step}) is in {self.dir}"

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from diga_fast.data.labels import IGNORE_INDEX
+from diga_fast.engine import distributed
 
 
 def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -24,6 +25,24 @@ def segmentation_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> to
     return F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
 
 
+def _ohem_kept_losses(logits: torch.Tensor, labels: torch.Tensor, thresh: float, min_kept: int) -> torch.Tensor:
+    """Per-pixel CE of the pixels OHEM keeps (1-D; empty when none is), see :func:`ohem_cross_entropy`."""
+    logits = upsample_to(logits, labels.shape[-2:]).float()
+    labels = labels.long()
+    pixel_loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = labels != IGNORE_INDEX
+    p_true = torch.exp(-pixel_loss.detach())[valid]  # softmax probability of the true class
+    if p_true.numel() == 0:
+        return pixel_loss[valid]
+    kth = min(int(min_kept), p_true.numel() - 1)
+    threshold = torch.clamp(torch.kthvalue(p_true, kth + 1).values, min=thresh)
+    return pixel_loss[valid][p_true < threshold]
+
+
+def _mean_or_zero(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return values.mean() if values.numel() else logits.sum() * 0.0
+
+
 def ohem_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, thresh: float = 0.7,
                        min_kept: int = 100_000) -> torch.Tensor:
     """Online hard example mining CE (the official SYNTHIA source loss, HRNet's ``OhemCrossEntropy``):
@@ -31,24 +50,16 @@ def ohem_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, thresh: float
     max(``thresh``, the (``min_kept``+1)-th smallest such probability), and average CE over them.
     So at least ``min_kept`` pixels (or all valid ones) count whenever the model is confident, and
     every pixel with p_true < ``thresh`` counts. 0 (with a graph) when no pixel is kept."""
-    logits = upsample_to(logits, labels.shape[-2:]).float()
-    labels = labels.long()
-    pixel_loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    valid = labels != IGNORE_INDEX
-    p_true = torch.exp(-pixel_loss.detach())[valid]  # softmax probability of the true class
-    if p_true.numel() == 0:
-        return logits.sum() * 0.0
-    kth = min(int(min_kept), p_true.numel() - 1)
-    threshold = torch.clamp(torch.kthvalue(p_true, kth + 1).values, min=thresh)
-    kept = pixel_loss[valid][p_true < threshold]
-    return kept.mean() if kept.numel() else logits.sum() * 0.0
+    return _mean_or_zero(_ohem_kept_losses(logits, labels, thresh, min_kept), logits)
 
 
 def source_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, train) -> torch.Tensor:
-    """The supervised source loss the recipe names (``train.source_loss``): ``ce`` or ``ohem``."""
+    """The supervised source loss the recipe names (``train.source_loss``): ``ce`` or ``ohem``. Under
+    torchrun the mean runs over the pixels of every rank (:func:`diga_fast.engine.distributed.global_mean`)."""
     if train.source_loss == "ohem":
-        return ohem_cross_entropy(logits, labels, train.ohem_thresh, train.ohem_min_kept)
-    return segmentation_cross_entropy(logits, labels)
+        kept = _ohem_kept_losses(logits, labels, train.ohem_thresh, train.ohem_min_kept)
+        return distributed.global_mean(_mean_or_zero(kept, logits), lambda: torch.tensor(kept.numel()))
+    return distributed.global_mean(segmentation_cross_entropy(logits, labels), lambda: (labels != IGNORE_INDEX).sum())
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

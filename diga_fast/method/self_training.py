@@ -33,6 +33,7 @@ from diga_fast.engine.training import (
     PhaseTimer,
     TrainingRun,
     autocast,
+    backward_step,
     build_optimizer,
     console,
     resolve_device,
@@ -226,10 +227,9 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
                 with torch.no_grad(), autocast(device, recipe.train.bf16):
                     t_src_logits, t_src_feat = teacher(torch.cat([x_s, x_cdm]))
                 t_clean, t_cdm = t_src_logits.chunk(2)
-                loss_src = distributed.global_mean(source_cross_entropy(s_clean, y_s, recipe.train),
-                                                   (y_s != IGNORE_INDEX).sum())
+                loss_src = source_cross_entropy(s_clean, y_s, recipe.train)
                 loss_mix = distributed.global_mean(consensus_cross_entropy(upsample_to(s_mix, size), prob_mix, feat_mix),
-                                                   ((prob_mix == feat_mix) & (prob_mix != IGNORE_INDEX)).sum())
+                                                   lambda: ((prob_mix == feat_mix) & (prob_mix != IGNORE_INDEX)).sum())
                 loss_dist = cross_view_distillation(upsample_to(s_clean, size), upsample_to(s_cdm, size),
                                                     upsample_to(t_clean, size), upsample_to(t_cdm, size),
                                                     reverse_scale=cfg.reverse_scale)
@@ -245,10 +245,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
             run.check_finite(step + 1, loss=loss, centroids=centroids.sum())  # NaN features reach the centroids
 
             with timer("backward"):
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                distributed.average_buffers(student)
+                backward_step(loss, optimizer, student)
             timer.next_step()
 
             done = step + 1

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from diga_fast.data.labels import IGNORE_INDEX, get_label_space
+from diga_fast.data.labels import get_label_space
 from diga_fast.data.loader import make_loader
-from diga_fast.engine import distributed
 from diga_fast.engine.recipe import Recipe
 from diga_fast.engine.training import (
     TrainingRun,
     autocast,
+    backward_step,
     build_optimizer,
     resolve_device,
     seed_everything,
@@ -53,12 +53,9 @@ def train_source(recipe: Recipe, out: str | Path, device: str | None = None, res
             images, labels = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
             with autocast(device, recipe.train.bf16):
                 logits, _ = trained(images)
-            loss = distributed.global_mean(source_cross_entropy(logits, labels, recipe.train), (labels != IGNORE_INDEX).sum())
+            loss = source_cross_entropy(logits, labels, recipe.train)
             run.check_finite(step + 1, loss=loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            distributed.average_buffers(model)
+            backward_step(loss, optimizer, model)
 
             done = step + 1
             tick(done, loss=loss)

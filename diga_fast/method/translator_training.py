@@ -93,7 +93,8 @@ def semantic_edge_l1(translated: torch.Tensor, source: torch.Tensor, labels: tor
     edges = semantic_edges(labels).unsqueeze(1).expand_as(source)
     count = edges.sum()
     diff = (translated.float() - source.float()).abs()
-    return distributed.global_mean(torch.where(edges, diff, torch.zeros_like(diff)).sum() / count.clamp(min=1), count)
+    return distributed.global_mean(torch.where(edges, diff, torch.zeros_like(diff)).sum() / count.clamp(min=1),
+                                   lambda: count)
 
 
 def perceptual_loss(vgg: VGGFeatures, image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from diga_fast.data.labels import IGNORE_INDEX, get_label_space
+from diga_fast.data.labels import get_label_space
 from diga_fast.data.loader import make_loader
 from diga_fast.engine import distributed
 from diga_fast.engine.recipe import Recipe
 from diga_fast.engine.training import (
     TrainingRun,
     autocast,
+    backward_step,
     build_optimizer,
     resolve_device,
     seed_everything,
@@ -93,8 +94,7 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
 
             with autocast(device, recipe.train.bf16):
                 logits_clean, logits_view = trained(torch.cat([x_s, x_view]))[0].chunk(2)
-            labelled = (y_s != IGNORE_INDEX).sum()
-            loss_ce = distributed.global_mean(source_cross_entropy(logits_clean, y_s, recipe.train), labelled)
+            loss_ce = source_cross_entropy(logits_clean, y_s, recipe.train)
             terms = {"loss_ce": loss_ce}
             if cfg.distill:
                 with torch.no_grad(), autocast(device, recipe.train.bf16):
@@ -107,14 +107,10 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
                 )
                 loss = loss_ce + cfg.lambda_distill * terms["loss_dist"]
             else:
-                terms["loss_ce_view"] = distributed.global_mean(source_cross_entropy(logits_view, y_s, recipe.train),
-                                                                labelled)
+                terms["loss_ce_view"] = source_cross_entropy(logits_view, y_s, recipe.train)
                 loss = loss_ce + terms["loss_ce_view"]
             run.check_finite(step + 1, loss=loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            distributed.average_buffers(student)
+            backward_step(loss, optimizer, student)
 
             done = step + 1
             tick(done, loss=loss)
