@@ -1,7 +1,8 @@
 """``diga bench train``: one self-training iteration, timed phase by phase, for three setups.
 
-The iteration is the real one: :func:`diga_fast.method.self_training.train_self` runs on the built-in
-pair with a :class:`~diga_fast.engine.training.PhaseTimer`, which synchronises CUDA around each phase
+The iteration is the real one: :func:`diga_fast.stages.self_training.train_self` runs on the built-in
+pair while a :class:`PhaseTimer` is installed for the stage's phases
+(:func:`diga_fast.stages.common.timing_phases`); it synchronises CUDA around each phase
 (data, EMA, teacher, labelling = assignment + consensus, mixing = ClassMix + CrDoMix, forward = student
 and teacher passes + losses, centroids, backward = backward + SGD step). The first ``warmup`` steps
 (allocation, Triton compilation, cuDNN autotuning) are left out of the means.
@@ -23,6 +24,9 @@ import datetime as dt
 import platform
 import statistics
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +44,29 @@ COLUMNS = ["timestamp", "device", "preset", "arch", "crop", "batch", "setup", "s
            *(f"{p}_ms" for p in PHASES), "total_ms", "it_per_s", "peak_mem_mib", "speedup_vs_a", "mem_vs_a"]
 
 
+class PhaseTimer:
+    """Wall time of named phases of each training step, CUDA synchronised at the phase boundaries."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = device.type == "cuda"
+        self.steps: list[dict[str, float]] = []
+        self._current: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self._current[phase] = self._current.get(phase, 0.0) + time.perf_counter() - start
+
+    def next_step(self) -> None:
+        self.steps.append(self._current)
+        self._current = {}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -47,7 +74,7 @@ def device_name(device: torch.device) -> str:
 
 
 def _recipe(preset: str, steps: int, overrides: list[str]):
-    from diga_fast.engine.recipe import apply_overrides, preset_recipe, validate_recipe
+    from diga_fast.config import apply_overrides, preset_recipe, validate_recipe
 
     recipe = preset_recipe(preset, "self", "synthetic", "synthetic")
     recipe.data.label_space = "cityscapes19"
@@ -68,9 +95,10 @@ def run(preset: str | None = None, steps: int = 20, warmup: int = 5, setups: lis
     """Time each setup; append its row to ``csv_path`` and print the table. ``overrides`` are recipe
     ``key=value`` strings applied on top of the preset (e.g. a smaller crop)."""
     from diga_fast.data.labels import get_label_space
-    from diga_fast.engine.checkpoint import save_weights
-    from diga_fast.engine.training import PhaseTimer, resolve_device
-    from diga_fast.method.self_training import train_self
+    from diga_fast.models.io import save_weights
+    from diga_fast.engine.device import resolve_device
+    from diga_fast.stages.common import timing_phases
+    from diga_fast.stages.self_training import train_self
     from diga_fast.models import build_model
 
     dev = resolve_device(device)
@@ -93,7 +121,8 @@ def run(preset: str | None = None, steps: int = 20, warmup: int = 5, setups: lis
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
-            train_self(recipe, Path(tmp) / setup, init, device=str(dev), timer=timer)
+            with timing_phases(timer):
+                train_self(recipe, Path(tmp) / setup, init, device=str(dev))
             measured = timer.steps[warmup:]
             phase_ms = {p: 1e3 * statistics.mean(s.get(p, 0.0) for s in measured) for p in PHASES}
             total = sum(phase_ms.values())

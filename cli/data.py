@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from PIL import Image
 
-from diga_fast.engine.recipe import DataConfig
+from diga_fast.config import DataConfig
 from diga_fast.errors import DigaError
 
 
@@ -65,9 +65,9 @@ def translate(checkpoint, source, out, synthetic_images, seed, device) -> None:
 
     from diga_fast.data import build_dataset
     from diga_fast.data.labels import get_label_space
-    from diga_fast.engine.checkpoint import atomic_write
-    from diga_fast.engine.training import resolve_device
-    from diga_fast.method.translators import load_translator_generator
+    from diga_fast.utils.io import atomic_write
+    from diga_fast.engine.device import resolve_device
+    from diga_fast.models.io import load_translator_generator
 
     dev = resolve_device(device)
     generator = load_translator_generator(checkpoint, dev)

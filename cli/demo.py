@@ -18,6 +18,6 @@ def demo(out: str, device: str, seed: int, rounds: int, oracle: bool, export: bo
     pseudo-labels, centroids, self-training rounds, eval, ONNX export) and print target mIoU per stage.
 
     KEY=VALUE overrides apply to every stage's demo recipe (e.g. train.iters=300)."""
-    from diga_fast.engine.demo import run_demo
+    from diga_fast.stages.demo import run_demo
 
     run_demo(out, device=device, seed=seed, oracle=oracle, rounds=rounds, overrides=overrides, export=export)

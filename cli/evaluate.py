@@ -8,21 +8,12 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from diga_fast.cli.common import parse_scales
 from diga_fast.errors import DigaError
 
 
-def parse_scales(text: str) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise DigaError(f"--scales {text!r}: expected comma-separated numbers such as 1.0,0.5") from None
-    if not scales or any(not 0.0 < s <= 4.0 for s in scales):
-        raise DigaError(f"--scales {text!r}: each scale must lie in (0, 4]")
-    return scales
-
-
 def _write_json(path: str, data: dict) -> None:
-    from diga_fast.engine.checkpoint import atomic_write
+    from diga_fast.utils.io import atomic_write
 
     target = Path(path)
     if not target.parent.is_dir():
@@ -46,10 +37,10 @@ def eval_command(checkpoint, onnx_path, pred_dir, target, split, scales, label_s
     """mIoU of a checkpoint, an ONNX export or prediction PNGs on a labelled split, from one confusion matrix."""
     from diga_fast.data import build_dataset, parse_dataset_spec
     from diga_fast.data.labels import get_label_space
-    from diga_fast.engine.checkpoint import load_model
-    from diga_fast.engine.inference import evaluate_model, evaluate_prediction_folder
-    from diga_fast.engine.training import resolve_device
-    from diga_fast.evaluate import iou_table
+    from diga_fast.models.io import load_model
+    from diga_fast.inference import evaluate_model, evaluate_prediction_folder
+    from diga_fast.engine.device import resolve_device
+    from diga_fast.metrics import iou_table
 
     if sum(x is not None for x in (checkpoint, onnx_path, pred_dir)) != 1:
         raise DigaError("give exactly one of --checkpoint, --onnx or --pred-dir")
@@ -112,9 +103,9 @@ def predict(checkpoint, onnx_path, images_dir, out, scales, overlay, device) -> 
     Images of any size run at full size; greyscale, palette, RGBA and 16-bit files are converted to
     8-bit RGB first (alpha dropped, 16-bit samples keep their high byte)."""
     from diga_fast.data.labels import get_label_space
-    from diga_fast.engine.checkpoint import load_model
-    from diga_fast.engine.inference import predict_folder
-    from diga_fast.engine.training import resolve_device
+    from diga_fast.models.io import load_model
+    from diga_fast.inference import predict_folder
+    from diga_fast.engine.device import resolve_device
 
     if (checkpoint is None) == (onnx_path is None):
         raise DigaError("give exactly one of --checkpoint or --onnx")

@@ -10,9 +10,9 @@ from diga_fast.cli.common import resolve_recipe, training_options
 
 def _console() -> Console:
     """stdout for the results; quiet on every rank but 0 under torchrun."""
-    from diga_fast.engine import distributed
+    from diga_fast.utils import dist
 
-    return Console(quiet=not distributed.current().is_main)
+    return Console(quiet=not dist.current().is_main)
 
 
 @click.group()
@@ -26,8 +26,8 @@ def train_source_command(out, device, resume, **options) -> None:
     """Supervised training on --source (the source-only baseline); evaluates on --target val.
 
     The oracle on the built-in pair: --source synthetic:target (trains on the target's labels)."""
-    from diga_fast.evaluate import iou_table
-    from diga_fast.method.source_only import train_source
+    from diga_fast.metrics import iou_table
+    from diga_fast.stages.source_only import train_source
 
     recipe = resolve_recipe("source", out=out, resume=resume, **options)
     summary = train_source(recipe, out, device=device, resume=resume)
@@ -43,8 +43,8 @@ def train_warmup_command(out, device, resume, **options) -> None:
     view with an EMA teacher (source data only; the target feeds the FDA translator).
 
     Ablations: warmup.distill=false, warmup.crdomix=false, translator.kind=fda|cyclegan."""
-    from diga_fast.evaluate import iou_table
-    from diga_fast.method.warmup import train_warmup
+    from diga_fast.metrics import iou_table
+    from diga_fast.stages.warmup import train_warmup
 
     recipe = resolve_recipe("warmup", out=out, resume=resume, **options)
     summary = train_warmup(recipe, out, device=device, resume=resume)
@@ -59,7 +59,7 @@ def train_translator_command(out, device, resume, **options) -> None:
 
     The perceptual term needs a local torchvision VGG state dict: translator.vgg_weights=FILE.
     Use the result in later stages with translator.kind=cyclegan translator.checkpoint=RUN."""
-    from diga_fast.method.translator_training import train_translator
+    from diga_fast.stages.translator import train_translator
 
     recipe = resolve_recipe("translator", out=out, resume=resume, **options)
     summary = train_translator(recipe, out, device=device, resume=resume)
@@ -79,8 +79,8 @@ def train_self_command(init, rounds, out, device, resume, **options) -> None:
     Probability labels and initial centroids are made from --init unless
     self_training.pseudo_labels=DIR / self_training.centroids=FILE name existing ones.
     Ablations: self_training.labels=consensus|prob|feat|threshold, self_training.metric=cosine|l2."""
-    from diga_fast.evaluate import iou_table
-    from diga_fast.method.self_training import train_self_rounds
+    from diga_fast.metrics import iou_table
+    from diga_fast.stages.self_training import train_self_rounds
 
     recipe = resolve_recipe("self", out=out, resume=resume, **options)
     summary = train_self_rounds(recipe, out, init, rounds=rounds, device=device, resume=resume)

@@ -41,7 +41,7 @@ def test_train_source_writes_a_complete_run(trained_run):
 def test_nan_stops_cleanly_and_resume_is_exact(tmp_path, capsys, monkeypatch, trained_run):
     """A NaN loss at step 3 stops the run with one line and keeps the step-2 checkpoint; --resume
     then ends with the same weights as the uninterrupted 4-step run."""
-    import diga_fast.method.source_only as stage
+    import diga_fast.stages.source_only as stage
 
     real_loss, calls = stage.source_cross_entropy, []
 
@@ -190,3 +190,19 @@ def test_predict_reports_a_corrupt_image(tmp_path, capsys, trained_run):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "diga_fast.cli.main", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout and "demo" in result.stdout
+
+
+def test_help_does_not_import_torch():
+    """`diga --help` and every command's --help stay fast: nothing below the CLI imports torch for them."""
+    import subprocess
+    import sys
+
+    commands = [[], ["train"], ["train", "self"], ["train", "warmup"], ["pseudo-label"], ["centroids"], ["eval"],
+                ["predict"], ["export"], ["demo"], ["data", "synth"], ["bench", "train"]]
+    script = ("import sys\nfrom diga_fast.cli.main import main\n"
+              f"for argv in {commands!r}:\n"
+              "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+              "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"

@@ -76,6 +76,7 @@ def _records(out):
     return [{k: v for k, v in json.loads(line).items() if k != "it_per_s"} for line in lines]
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_bit_identical(tmp_path):
     crashed, straight = tmp_path / "crashed", tmp_path / "straight"
     for iters in (40, 160):  # long enough that the kill lands mid-run; longer if this machine outran it
@@ -134,7 +135,7 @@ def test_unwritable_out_fails_before_training(tmp_path, capsys, case):
 
 
 def test_nearly_full_disk_fails_before_training(tmp_path, capsys, monkeypatch):
-    from diga_fast.engine import checkpoint
+    from diga_fast.engine import run as checkpoint
 
     real, asked = checkpoint.shutil.disk_usage, []
 
@@ -156,7 +157,7 @@ def test_nearly_full_disk_fails_before_training(tmp_path, capsys, monkeypatch):
 
 
 def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
-    from diga_fast.engine.checkpoint import MetricsLog
+    from diga_fast.engine.logging import MetricsLog
 
     log = MetricsLog(tmp_path, tensorboard=False)
     for step in (1, 2, 3):
@@ -168,7 +169,7 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
 
 
 def test_atomic_files_get_the_usual_permissions(tmp_path):
-    from diga_fast.engine.checkpoint import atomic_write
+    from diga_fast.utils.io import atomic_write
 
     atomic_write(tmp_path / "a.txt", lambda tmp: tmp.write_text("x"))
     mask = os.umask(0)

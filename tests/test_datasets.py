@@ -1,14 +1,17 @@
 """Real-dataset loaders on tiny generated folders in each layout, their errors, 16-bit PNG reading,
 image-folder conversions, and the seeded loaders."""
 
+import struct
+import sys
+import zlib
 from pathlib import Path
 
+import cv2  # the synthia extra (in the test extra): 16-bit colour PNGs
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from diga_fast.data import datasets as ds_module
 from diga_fast.data.datasets import GTA5, Cityscapes, ImageFolder, Synthia, read_png, split_names
 from diga_fast.data.labels import CITYSCAPES19, SYNTHIA16
 from diga_fast.data.layouts import (
@@ -18,7 +21,7 @@ from diga_fast.data.layouts import (
     write_png,
     write_synthia_layout,
 )
-from diga_fast.data.loader import InfiniteLoader, make_loader
+from diga_fast.data.loader import InfiniteLoader
 from diga_fast.data.transforms import train_transform
 from diga_fast.errors import DigaError
 
@@ -241,25 +244,78 @@ def test_ids_outside_the_map(gta5, synthia, cityscapes):
 
 # -- 16-bit PNGs -----------------------------------------------------------------------------------
 
+def _png16_grey_alpha(path, array):
+    """A 16-bit grey+alpha PNG (neither Pillow nor OpenCV writes one): unfiltered rows, one IDAT."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    height, width, _ = array.shape
+    rows = np.ascontiguousarray(array.astype(">u2")).view(np.uint8).reshape(height, -1)
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter type 0
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows.tobytes())) + chunk(b"IEND", b""))
+
+
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
-@pytest.mark.parametrize("filter_type", [0, 1, 2, 3, 4])
-def test_read_png_16bit(tmp_path, channels, filter_type):
-    rng = np.random.default_rng(channels * 10 + filter_type)
-    array = rng.integers(0, 65536, (7, 9, channels)).astype(np.uint16)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_roundtrip_at_full_depth(tmp_path, channels, dtype):
+    array = np.random.default_rng(channels).integers(0, np.iinfo(dtype).max + 1, (7, 9, channels)).astype(dtype)
+    array[0, 0] = 0x0103 if dtype == np.uint16 else 3  # high byte 1, low byte 3: both must survive
     path = tmp_path / "x.png"
-    write_png(path, array, filter_type=filter_type)
-    expected = array[:, :, 0] if channels == 1 else array
-    assert np.array_equal(read_png(path), expected)
-    assert np.array_equal(ds_module._decode_png(path), expected)  # the pure fallback agrees
-    if channels in (3, 4):
-        assert np.array_equal(ds_module._pillow_png16(path), array)  # the Pillow raw-mode path
+    if dtype == np.uint16 and channels == 2:
+        with pytest.raises(ValueError, match="uint16"):
+            write_png(path, array)
+        _png16_grey_alpha(path, array)
+    else:
+        write_png(path, array)
+    assert path.read_bytes()[24] == 8 * np.dtype(dtype).itemsize  # the PNG's bit depth
+    out = read_png(path)
+    assert out.dtype == dtype and np.array_equal(out, array[:, :, 0] if channels == 1 else array)
 
 
-def test_read_png_8bit_matches_pillow(tmp_path):
-    array = np.random.default_rng(1).integers(0, 256, (5, 6, 3)).astype(np.uint8)
-    write_png(tmp_path / "x.png", array, filter_type=4)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "x.png")), array)
-    assert np.array_equal(ds_module._decode_png(tmp_path / "x.png"), array)
+@pytest.mark.parametrize("channels", [3, 4])
+def test_read_png_16bit_returns_rgb_order(tmp_path, channels):
+    rgb8 = np.random.default_rng(5).integers(0, 256, (6, 8, channels)).astype(np.uint8)
+    rgb8[:, :, 0], rgb8[:, :, 1] = 10, 200  # three different channels
+    order = [2, 1, 0, 3][:channels]  # OpenCV writes BGR(A)
+    cv2.imwrite(str(tmp_path / "x8.png"), rgb8[:, :, order])
+    cv2.imwrite(str(tmp_path / "x16.png"), rgb8[:, :, order].astype(np.uint16) * 256 + 3)
+    pillow8 = np.asarray(Image.open(tmp_path / "x8.png"))
+    assert np.array_equal(pillow8, rgb8)
+    rgb16 = read_png(tmp_path / "x16.png")
+    assert np.array_equal(rgb16 >> 8, pillow8) and (rgb16 & 0xFF == 3).all()
+    assert np.array_equal(rgb16 >> 8, np.asarray(Image.open(tmp_path / "x16.png")))  # Pillow: high bytes
+
+
+def test_synthia_class_id_is_the_full_16bit_value(synthia):
+    root, _ = synthia
+    ids = np.zeros((H, W, 3), np.uint16)
+    ids[:, :, 0] = 8  # car
+    ids[4, 4, 0] = 0x0103  # id 3 in the low byte, 1 in the high byte: neither 3 nor 1 is meant
+    write_png(root / "GT" / "LABELS" / "00001.png", ids)
+    assert read_png(root / "GT" / "LABELS" / "00001.png")[4, 4, 0] == 0x0103
+    message = _error(Synthia(root).__getitem__, 1)
+    assert "00001.png" in message and "259" in message
+    ids[4, 4, 0] = 3  # road: index 0 of SYNTHIA16
+    write_png(root / "GT" / "LABELS" / "00001.png", ids)
+    label = Synthia(root)[1]["label"]
+    assert label[4, 4] == 0 and label[0, 0] == 12
+
+
+def test_16bit_colour_png_without_opencv_is_one_line_error(tmp_path, monkeypatch, gta5, synthia):
+    rgb16 = np.full((4, 5, 3), 0x0103, np.uint16)
+    write_png(tmp_path / "x16.png", rgb16)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # "import cv2" now fails
+    for call in (lambda: read_png(tmp_path / "x16.png"), lambda: write_png(tmp_path / "y16.png", rgb16),
+                 lambda: Synthia(synthia[0])[0]):
+        message = _error(call)
+        assert 'pip install "diga-fast[synthia]"' in message and "OpenCV" in message
+    assert str(tmp_path / "x16.png") in _error(read_png, tmp_path / "x16.png")
+    # 8-bit data and 16-bit grey never need OpenCV.
+    assert GTA5(gta5[0])[0]["label"].shape == (H, W)
+    grey16 = np.full((4, 5), 0x0103, np.uint16)
+    write_png(tmp_path / "grey16.png", grey16)
+    assert np.array_equal(read_png(tmp_path / "grey16.png"), grey16)
 
 
 # -- image folders ---------------------------------------------------------------------------------
@@ -331,49 +387,27 @@ def _same(a, b):
 
 def test_loader_is_deterministic_and_worker_independent(gta5):
     dataset = _train_set(gta5[0])
-    first = _batches(make_loader(dataset, 2, shuffle=True, seed=7, infinite=True), 4)
+    first = _batches(InfiniteLoader(dataset, 2, shuffle=True, seed=7), 4)
     torch.manual_seed(123)  # the global RNG does not matter
-    again = _batches(make_loader(dataset, 2, shuffle=True, seed=7, infinite=True), 4)
+    again = _batches(InfiniteLoader(dataset, 2, shuffle=True, seed=7), 4)
     assert _same(first, again)
-    other = _batches(make_loader(dataset, 2, shuffle=True, seed=8, infinite=True), 4)
+    other = _batches(InfiniteLoader(dataset, 2, shuffle=True, seed=8), 4)
     assert not _same(first, other)
-    workers = make_loader(dataset, 2, shuffle=True, seed=7, num_workers=2, infinite=True)
+    workers = InfiniteLoader(dataset, 2, shuffle=True, seed=7, num_workers=2)
     assert _same(first, _batches(workers, 4))
     del workers
 
 
 def test_infinite_loader_resume(gta5):
     dataset = _train_set(gta5[0])
-    loader = make_loader(dataset, 2, shuffle=True, seed=3, infinite=True)
-    assert isinstance(loader, InfiniteLoader)
+    loader = InfiniteLoader(dataset, 2, shuffle=True, seed=3)
     run = _batches(loader, 7)  # 14 samples: several epochs of 3, batches straddle epochs
     assert loader.step == 7
     resumed = InfiniteLoader(dataset, 2, shuffle=True, seed=3, start_step=4)
     assert _same(run[4:], _batches(resumed, 3))
-    loader.load_state_dict({"step": 5})
-    assert _same(run[5:], _batches(loader, 2))
     stepped = InfiniteLoader(dataset, 2, shuffle=True, seed=3)
     assert _same(run[:2], [next(stepped), next(stepped)]) and stepped.step == 2
-    stepped.skip_to(6)
-    assert _same(run[6:], [next(stepped)]) and stepped.step == 7
     names = [n for batch in run[:3] for n in batch["name"]]
     assert sorted(names[:3]) == sorted(names[3:6]) == ["00000", "00001", "00002"]  # whole epochs
     tiny = InfiniteLoader(dataset, 5, seed=0)  # batch larger than the dataset
     assert len(next(iter(tiny))["name"]) == 5
-
-
-def test_finite_loader_epochs(gta5):
-    dataset = _train_set(gta5[0])
-    loader = make_loader(dataset, 2, shuffle=True, seed=1, drop_last=False)
-    assert len(loader) == 2
-    epoch0, epoch1 = list(loader), list(loader)
-    assert [len(b["name"]) for b in epoch0] == [2, 1]
-    assert sorted(n for b in epoch0 for n in b["name"]) == ["00000", "00001", "00002"]
-    assert not _same(epoch0, epoch1)
-    workers = make_loader(dataset, 2, shuffle=True, seed=1, num_workers=2)  # persistent workers
-    assert _same(epoch0, list(workers)) and _same(epoch1, list(workers))
-    del workers
-    again = make_loader(dataset, 2, shuffle=True, seed=1, drop_last=True)
-    assert len(again) == 1 and _same(epoch0[:1], list(again))
-    plain = make_loader(GTA5(gta5[0]), 3, shuffle=False)
-    assert list(next(iter(plain))["name"]) == ["00000", "00001", "00002"]

@@ -17,8 +17,8 @@ TINY = ("data.synthetic_train_images=8", "data.synthetic_val_images=3", "data.nu
 # batch-split independent model: no dropout, BatchNorm on its running statistics
 SPLIT_FREE = ("model.dropout=0", "model.freeze_bn_stats=true")
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="this torch build has no gloo backend")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="this torch build has no gloo backend")]
 
 
 def torchrun(cwd, *argv, nproc=2):
@@ -92,9 +92,11 @@ def test_translator_two_processes_equal_one_process(tmp_path, capsys):
     # Compared through what they compute, loosely: Adam's first steps are ~lr * sign(grad), so
     # float-noise gradients (e.g. conv biases in front of an InstanceNorm) move weights by a full step
     # in either direction. Measured 3e-4; averaging the edge loss per rank instead of over all edge
-    # pixels gave 1.9e-2.
-    from diga_fast.method.translators import load_translator_generator
+    # pixels gave 1.9e-2. The float noise depends on the CPU: max 3e-4 on one 2-core VM, max 2.6e-3
+    # (mean 4.1e-4) on an AMD EPYC VM, so the bound sits between that noise and the bug.
+    from diga_fast.models.io import load_translator_generator
 
     image = torch.rand(2, 3, 40, 72, generator=torch.Generator().manual_seed(0))
     single, double = (load_translator_generator(tmp_path / d)(image) for d in ("single", "double"))
-    assert torch.allclose(single, double, atol=2e-3), (single - double).abs().max()
+    difference = (single - double).abs()
+    assert difference.max() < 8e-3 and difference.mean() < 1.5e-3, (difference.max(), difference.mean())

@@ -11,7 +11,7 @@ from PIL import Image
 
 from diga_fast.cli.main import main
 from diga_fast.data.labels import CITYSCAPES19
-from diga_fast.engine.checkpoint import save_weights
+from diga_fast.models.io import save_weights
 from diga_fast.errors import DigaError
 from diga_fast.export import (
     OnnxSegmenter,
@@ -127,7 +127,9 @@ def test_round_trips_run_at_new_sizes(exported):
         for got in (program.module()(image), script(image), onnx_logits):
             assert got.shape == (2, 19, 41, 77)
             assert (got - expected).abs().max() < 1e-3
-            assert torch.equal(got.argmax(1), expected.argmax(1))
+            top2 = expected.topk(2, dim=1).values
+            decided = (top2[:, 0] - top2[:, 1]) > 2e-3  # pixels not within float noise (2x the bound above) of a tie
+            assert torch.equal(got.argmax(1)[decided], expected.argmax(1)[decided])
 
 
 def _image_folder(root):

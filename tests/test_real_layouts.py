@@ -121,7 +121,7 @@ def test_translated_images_get_the_same_crop_rescale_and_flip(tmp_path, layouts,
     the size is resized back first."""
     from diga_fast.data import build_dataset
     from diga_fast.data.labels import CITYSCAPES19
-    from diga_fast.data.loader import make_loader
+    from diga_fast.data.loader import InfiniteLoader
     from diga_fast.data.transforms import train_transform
     from diga_fast.data.translated import TranslatedSource
 
@@ -130,8 +130,8 @@ def test_translated_images_get_the_same_crop_rescale_and_flip(tmp_path, layouts,
                          transform=transform)
     _inverted_folder(gta5, tmp_path / "inv", scale)
     paired = TranslatedSource(gta5, tmp_path / "inv")
-    loader = make_loader(paired, batch_size=2, shuffle=True, seed=3, infinite=True)
-    plain = make_loader(gta5, batch_size=2, shuffle=True, seed=3, infinite=True)
+    loader = InfiniteLoader(paired, batch_size=2, shuffle=True, seed=3)
+    plain = InfiniteLoader(gta5, batch_size=2, shuffle=True, seed=3)
     for _ in range(4):
         batch, reference = next(loader), next(plain)
         assert torch.equal(batch["image"], reference["image"]) and torch.equal(batch["label"], reference["label"])

@@ -1,6 +1,6 @@
 import pytest
 
-from diga_fast.engine.recipe import Recipe, apply_overrides, load_yaml, preset_recipe, recipe_from_dict, save_yaml
+from diga_fast.config import Recipe, apply_overrides, load_yaml, preset_recipe, recipe_from_dict, save_yaml
 from diga_fast.errors import DigaError
 
 

@@ -66,7 +66,7 @@ def _same_weights(a, b):
 
 
 def test_warmup_resume_is_exact(tmp_path, capsys, monkeypatch):
-    import diga_fast.method.warmup as stage
+    import diga_fast.stages.warmup as stage
 
     crashed = _crash_then_resume(tmp_path, capsys, monkeypatch, stage, ["train", "warmup"])
     code, _, err = run(capsys, "train", "warmup", "--out", tmp_path / "straight", "--iters", "4", *TINY_STAGE)
@@ -76,7 +76,7 @@ def test_warmup_resume_is_exact(tmp_path, capsys, monkeypatch):
 
 
 def test_self_training_runs_and_resumes_exactly(tmp_path, capsys, monkeypatch, warmup_run):
-    import diga_fast.method.self_training as stage
+    import diga_fast.stages.self_training as stage
 
     crashed = _crash_then_resume(tmp_path, capsys, monkeypatch, stage, ["train", "self", "--init", str(warmup_run)])
     straight = tmp_path / "straight"
@@ -91,10 +91,12 @@ def test_self_training_runs_and_resumes_exactly(tmp_path, capsys, monkeypatch, w
     assert 0.0 <= record["consensus_kept"] <= 1.0
 
 
-@pytest.mark.parametrize("mode", ["prob", "feat", "threshold"])
-def test_self_training_label_modes(tmp_path, capsys, warmup_run, mode):
+def test_self_training_ablation_switches_run(tmp_path, capsys, warmup_run):
+    """One run through the ablation path (which labels each mode hands the consensus CE is unit-tested
+    in test_method_self_training.py), with the official l2 metric and score upsampling."""
     code, _, err = run(capsys, "train", "self", "--init", warmup_run, "--out", tmp_path / "r", "--iters", "1",
-                       *TINY_STAGE, f"self_training.labels={mode}", "self_training.metric=l2")
+                       *TINY_STAGE, "self_training.labels=threshold", "self_training.metric=l2",
+                       "self_training.feat_upsample=scores")
     assert code == 0, err
 
 
@@ -124,9 +126,9 @@ def test_self_training_bad_input(tmp_path, capsys, warmup_run):
 
 
 def test_pseudo_label_and_centroid_commands_feed_self_training(tmp_path, capsys, warmup_run):
-    code, _, err = run(capsys, "pseudo-label", "--checkpoint", warmup_run, "--synthetic-images", "8", "--out", tmp_path / "pl")
+    code, _, err = run(capsys, "pseudo-label", "--checkpoint", warmup_run, "--out", tmp_path / "pl", *TINY_STAGE)
     assert code == 0, err
-    code, _, err = run(capsys, "centroids", "--checkpoint", warmup_run, "--synthetic-images", "8", "--out", tmp_path / "c.pt")
+    code, _, err = run(capsys, "centroids", "--checkpoint", warmup_run, "--out", tmp_path / "c.pt", *TINY_STAGE)
     assert code == 0, err
     out = tmp_path / "self"
     code, _, err = run(capsys, "train", "self", "--init", warmup_run, "--out", out, "--iters", "1", *TINY_STAGE,
@@ -137,7 +139,7 @@ def test_pseudo_label_and_centroid_commands_feed_self_training(tmp_path, capsys,
 
 
 def test_nan_features_stop_self_training_naming_the_step(tmp_path, capsys, monkeypatch, warmup_run):
-    import diga_fast.method.self_training as stage
+    import diga_fast.stages.self_training as stage
 
     real, calls = stage.update_centroids, []
 
@@ -152,6 +154,7 @@ def test_nan_features_stop_self_training_naming_the_step(tmp_path, capsys, monke
     assert not (out / "student.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_compile_and_channels_last_switches(tmp_path, capsys, warmup_run):
     """torch.compile (through dynamo; the eager backend keeps CI fast) and channels_last, for the
     warm-up and self-training forward passes."""

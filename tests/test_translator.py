@@ -10,21 +10,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from diga_fast.cli.main import main
-from diga_fast.engine.recipe import TranslatorConfig, apply_overrides, preset_recipe
+from diga_fast.config import TranslatorConfig, apply_overrides, preset_recipe
 from diga_fast.errors import DigaError
-from diga_fast.method import translator_training as tt
-from diga_fast.method.translators import CycleGANTranslator, load_translator_generator
-from diga_fast.models.translator import (
-    TRANSLATOR_FILE,
-    TRANSLATOR_FORMAT,
-    ImageDecoder,
-    ImageEncoder,
-    ImageTranslator,
-    MultiScaleDiscriminator,
-    VGGFeatures,
-    load_vgg_features,
-    save_translator,
-)
+from diga_fast.method import gan_losses as tt
+from diga_fast.stages import translator as translator_stage
+from diga_fast.method.translators import CycleGANTranslator
+from diga_fast.models.io import TRANSLATOR_FILE, TRANSLATOR_FORMAT, load_translator_generator, load_vgg_features, save_translator
+from diga_fast.models.translator import ImageDecoder, ImageEncoder, ImageTranslator, MultiScaleDiscriminator, VGGFeatures
 
 TINY = ("data.synthetic_train_images=8", "data.batch_size=2", "data.num_workers=0", "train.log_every=1",
         "translator.width=4", "translator.n_res=1", "translator.crop=[16,32]")
@@ -209,7 +201,7 @@ def test_vgg_weights_load_from_a_torchvision_state_dict(tmp_path):
 def test_missing_vgg_file_stops_before_the_run_starts(tmp_path):
     recipe = tiny_recipe(1, f"translator.vgg_weights={tmp_path / 'nope.pth'}")
     with pytest.raises(DigaError, match="vgg_weights: file not found"):
-        tt.train_translator(recipe, tmp_path / "run", device="cpu")
+        translator_stage.train_translator(recipe, tmp_path / "run", device="cpu")
     assert not (tmp_path / "run").exists()
 
 
@@ -219,7 +211,7 @@ def test_missing_vgg_file_stops_before_the_run_starts(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("translator") / "run"
-    summary = tt.train_translator(tiny_recipe(3), out, device="cpu")
+    summary = translator_stage.train_translator(tiny_recipe(3), out, device="cpu")
     return out, summary
 
 
@@ -236,7 +228,7 @@ def test_training_writes_a_translator_run(trained):
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    tt.train_translator(tiny_recipe(5, "train.save_every=3"), straight, device="cpu")
+    translator_stage.train_translator(tiny_recipe(5, "train.save_every=3"), straight, device="cpu")
 
     interrupted = tmp_path / "interrupted"
     calls = {"n": 0}
@@ -248,11 +240,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_discriminator_loss(*args)
 
-    monkeypatch.setattr(tt, "discriminator_loss", crash_at_step_4)
+    monkeypatch.setattr(translator_stage, "discriminator_loss", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        tt.train_translator(tiny_recipe(5, "train.save_every=3"), interrupted, device="cpu")
-    monkeypatch.setattr(tt, "discriminator_loss", real_discriminator_loss)
-    tt.train_translator(tiny_recipe(5, "train.save_every=3"), interrupted, device="cpu", resume=True)
+        translator_stage.train_translator(tiny_recipe(5, "train.save_every=3"), interrupted, device="cpu")
+    monkeypatch.setattr(translator_stage, "discriminator_loss", real_discriminator_loss)
+    translator_stage.train_translator(tiny_recipe(5, "train.save_every=3"), interrupted, device="cpu", resume=True)
 
     a, b = load_file(str(straight / TRANSLATOR_FILE)), load_file(str(interrupted / TRANSLATOR_FILE))
     assert a.keys() == b.keys()

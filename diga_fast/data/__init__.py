@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch.utils.data import Dataset
-
-from diga_fast.data.labels import LabelSpace
 from diga_fast.errors import DigaError
+
+if TYPE_CHECKING:  # torch stays unimported until a dataset is built (`diga --help` stays fast)
+    from torch.utils.data import Dataset
+
+    from diga_fast.data.labels import LabelSpace
 
 DATASET_KINDS = ("synthetic", "gta5", "synthia", "cityscapes")
 

@@ -17,19 +17,15 @@ when a sample is read, since the datasets are large. Each raises :class:`DigaErr
 that names the file or folder.
 
 16-bit PNGs (SYNTHIA's ``GT/LABELS``): Pillow opens 16-bit RGB/RGBA PNGs as 8-bit, keeping only the
-high byte of each sample, which throws the class id (the low byte) away. :func:`read_png` reads them
-at full depth by letting Pillow decode the file twice, once with its default raw mode (high bytes)
-and once with the little-endian raw mode (``RGB;16L``/``RGBA;16L``, which then yields the low
-bytes), and joins the two. Both runs use Pillow's C decoder, so this is fast. Where that raw-mode
-switch is not possible (16-bit grey+alpha, or a future Pillow that changes its tile API), a small
-pure numpy/zlib PNG decoder takes over (non-interlaced PNGs only; correct but slow, seconds for a
-full-size image). 16-bit greyscale PNGs open natively in Pillow as mode ``I;16``.
+high byte of each sample, which throws the class id (the low byte) away. :func:`read_png` reads the bit
+depth and colour type from the PNG header and decodes 16-bit colour or grey+alpha PNGs with OpenCV
+(optional: ``pip install "diga-fast[synthia]"``, imported only then); every other image, 16-bit grey
+included, is read by Pillow, so 8-bit datasets (GTA5, Cityscapes) never need OpenCV.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +56,7 @@ __all__ = [
     "Cityscapes",
     "ImageFolder",
     "read_png",
+    "require_opencv",
     "read_rgb",
     "to_rgb_uint8",
     "split_names",
@@ -115,133 +112,51 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise DigaError(f"cannot read image {path}: {_one_line(error)}") from None
 
 
-def _png_header(path: Path) -> tuple[int, int, int, int, int] | None:
-    """(width, height, bit depth, colour type, interlace) of a PNG, or None if not a PNG."""
+# The channels to take from OpenCV's 16-bit decode (BGR, BGRA, grey+alpha as GGGA), by PNG colour type.
+_FROM_OPENCV = {2: [2, 1, 0], 4: [0, 3], 6: [2, 1, 0, 3]}
+
+
+def require_opencv(purpose: str):
+    """Import OpenCV (``cv2``), which only 16-bit colour PNGs need; a missing one is a one-line
+    :class:`DigaError` that says how to install it."""
+    try:
+        import cv2
+    except ImportError:
+        raise DigaError(f'{purpose} needs OpenCV: pip install "diga-fast[synthia]" '
+                        "(or pip install opencv-python-headless)") from None
+    return cv2
+
+
+def _png_colour16(path: Path) -> int | None:
+    """The colour type (2 RGB, 4 grey+alpha, 6 RGBA) of a 16-bit PNG with more than one channel,
+    read from its header; None for anything else."""
     with open(path, "rb") as f:
-        head = f.read(33)
-    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        return None
-    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
-    return width, height, depth, colour, interlace
-
-
-def _pillow_png16(path: Path) -> np.ndarray:
-    """Full-depth uint16 [H, W, C] of a 16-bit RGB/RGBA PNG via two Pillow decodes (high, low bytes).
-    Raises ``NotImplementedError`` when this Pillow cannot switch the raw mode."""
-    with Image.open(path) as im:
-        tiles = list(im.tile)
-        high = np.asarray(im)  # default raw mode "RGB;16B": the high byte of each sample
-    with Image.open(path) as im:
-        swapped = []
-        for tile in im.tile:
-            args = getattr(tile, "args", None) if hasattr(tile, "_replace") else tile[3]
-            if not isinstance(args, str) or not args.endswith(";16B"):
-                raise NotImplementedError(f"unexpected Pillow tile {tile!r}")
-            low_mode = args[:-1] + "L"
-            swapped.append(tile._replace(args=low_mode) if hasattr(tile, "_replace")
-                           else (*tile[:3], low_mode, *tile[4:]))
-        if len(swapped) != len(tiles):
-            raise NotImplementedError("tile lists differ")
-        im.tile = swapped
-        try:
-            low = np.asarray(im)  # "RGB;16L" reads the pairs little-endian: the low byte
-        except ValueError as error:  # unknown raw mode
-            raise NotImplementedError(str(error)) from None
-    if high.shape != low.shape or high.dtype != np.uint8:
-        raise NotImplementedError("Pillow decoded the two passes differently")
-    return (high.astype(np.uint16) << 8) | low
-
-
-def _unfilter(data: bytes, height: int, stride: int, bpp: int) -> np.ndarray:
-    """Undo PNG row filtering. Returns [height, stride] uint8."""
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if raw.size < height * (stride + 1):
-        raise ValueError(f"image data too short ({raw.size} bytes, need {height * (stride + 1)})")
-    rows = raw[: height * (stride + 1)].reshape(height, stride + 1)
-    out = np.empty((height, stride), dtype=np.uint8)
-    prev = np.zeros(stride, dtype=np.uint8)
-    for y in range(height):
-        kind, line = int(rows[y, 0]), rows[y, 1:]
-        if kind == 0:
-            cur = line
-        elif kind == 1 or (kind == 4 and y == 0):  # Paeth with a zero row above is Sub
-            cur = np.cumsum(line.reshape(-1, bpp), axis=0, dtype=np.uint8).reshape(-1)
-        elif kind == 2:
-            cur = line + prev
-        elif kind in (3, 4):
-            cur_b = bytearray(line.tobytes())
-            up = prev.tobytes()
-            for i in range(stride):
-                a = cur_b[i - bpp] if i >= bpp else 0
-                b = up[i]
-                if kind == 3:
-                    pred = (a + b) >> 1
-                else:
-                    c = up[i - bpp] if i >= bpp else 0
-                    p = a + b - c
-                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-                cur_b[i] = (cur_b[i] + pred) & 0xFF
-            cur = np.frombuffer(bytes(cur_b), dtype=np.uint8)
-        else:
-            raise ValueError(f"bad PNG filter type {kind} in row {y}")
-        out[y] = cur
-        prev = out[y]
-    return out
-
-
-def _decode_png(path: Path) -> np.ndarray:
-    """A minimal PNG decoder (numpy + zlib): non-interlaced, 8- or 16-bit, grey/grey+alpha/RGB/RGBA.
-    Returns [H, W] or [H, W, C], uint8 or uint16."""
-    data = Path(path).read_bytes()
-    if data[:8] != _PNG_SIGNATURE:
-        raise ValueError("not a PNG file")
-    pos, header, idat = 8, None, []
-    while pos + 8 <= len(data):
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        if len(body) != length:
-            raise ValueError("truncated PNG chunk")
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
-    if header is None or not idat:
-        raise ValueError("PNG without IHDR or IDAT")
-    width, height, depth, colour, _, _, interlace = header
-    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(colour)
-    if channels is None or depth not in (8, 16) or interlace:
-        raise ValueError(f"unsupported PNG (bit depth {depth}, colour type {colour}, "
-                         f"interlace {interlace})")
-    bpp = channels * depth // 8
-    pixels = _unfilter(zlib.decompress(b"".join(idat)), height, width * bpp, bpp)
-    if depth == 16:
-        pixels = pixels.view(">u2").astype(np.uint16)
-    pixels = pixels.reshape(height, width, channels)
-    return pixels[:, :, 0] if channels == 1 else pixels
+        head = f.read(26)
+    if len(head) == 26 and head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16:
+        return head[25] if head[25] in _FROM_OPENCV else None
+    return None
 
 
 def read_png(path: str | os.PathLike, what: str = "label") -> np.ndarray:
     """Read a PNG (or any Pillow image) at full bit depth, without colour conversion: ``[H, W]`` for
-    single-channel and palette images (palette *indices*), ``[H, W, C]`` otherwise; uint8, uint16
-    (16-bit) or int32 (Pillow mode ``I``). See the module docstring for 16-bit RGB/RGBA."""
+    single-channel and palette images (palette *indices*), ``[H, W, C]`` otherwise (channels in file
+    order: grey+alpha, RGB, RGBA); uint8, uint16 (16-bit) or int32 (Pillow mode ``I``). 16-bit PNGs
+    with more than one channel need OpenCV (see the module docstring)."""
     path = Path(path)
     try:
-        header = _png_header(path)
-        if header is not None and header[2] == 16 and header[3] in (2, 4, 6):
-            if header[3] != 4:
-                try:
-                    return _pillow_png16(path)
-                except (NotImplementedError, AttributeError, TypeError, IndexError):
-                    pass
-            return _decode_png(path)
+        colour = _png_colour16(path)
+        if colour is not None:
+            cv2 = require_opencv(f"reading the 16-bit {what} {path}")
+            array = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+            if array is None or array.ndim != 3 or array.dtype != np.uint16:
+                raise ValueError("OpenCV cannot decode it")
+            return np.ascontiguousarray(array[:, :, _FROM_OPENCV[colour]])
         with Image.open(path) as im:
             im.load()
             array = np.asarray(im)
         return array.astype(array.dtype.newbyteorder("=")) if array.dtype.byteorder == ">" else array
+    except DigaError:
+        raise
     except FileNotFoundError:
         raise DigaError(f"{what} {path} does not exist") from None
     except Exception as error:  # noqa: BLE001

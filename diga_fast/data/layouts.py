@@ -3,21 +3,21 @@ and the tests can produce data that the real loaders (:mod:`diga_fast.data.datas
 
 Samples carry labels as *class indices* of a label space (255 = ignore); each writer stores them the
 way the real dataset does: Cityscapes label ids for GTA5 (a palette PNG, as in the GTA5 release) and
-Cityscapes, SYNTHIA ids in the first channel of a 16-bit RGB PNG for SYNTHIA. Ignore (255), and any
-class the target format lacks, is written as id 0 ("unlabeled"/"void"), which reads back as 255.
+Cityscapes, SYNTHIA ids in the first channel of a 16-bit RGB PNG for SYNTHIA (written with OpenCV, the
+optional ``synthia`` extra, as Pillow cannot). Ignore (255), and any class the target format lacks, is
+written as id 0 ("unlabeled"/"void"), which reads back as 255.
 """
 
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from diga_fast.data.datasets import require_opencv
 from diga_fast.data.labels import CITYSCAPES19, SYNTHIA16, SYNTHIA_MAX_ID, LabelSpace, synthia_id_lut
 
 __all__ = [
@@ -29,59 +29,29 @@ __all__ = [
 ]
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _filter_rows(rows: np.ndarray, bpp: int, filter_type: int) -> np.ndarray:
-    """Apply one PNG filter type (0..4) to every row of ``rows`` ([H, stride] uint8)."""
-    x = rows.astype(np.int16)
-    a = np.zeros_like(x)
-    a[:, bpp:] = x[:, :-bpp]  # left
-    b = np.zeros_like(x)
-    b[1:] = x[:-1]  # up
-    c = np.zeros_like(x)
-    c[1:, bpp:] = x[:-1, :-bpp]  # up-left
-    if filter_type == 0:
-        pred = np.zeros_like(x)
-    elif filter_type == 1:
-        pred = a
-    elif filter_type == 2:
-        pred = b
-    elif filter_type == 3:
-        pred = (a + b) >> 1
-    elif filter_type == 4:
-        p = a + b - c
-        pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-        pred = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-    else:
-        raise ValueError(f"PNG filter type must be 0..4, got {filter_type}")
-    return ((x - pred) & 0xFF).astype(np.uint8)
-
-
-def write_png(path: str | os.PathLike, array: np.ndarray, filter_type: int = 0) -> None:
-    """Write a PNG with numpy + zlib: ``[H, W]`` or ``[H, W, C]`` (C = 1..4: grey, grey+alpha, RGB,
-    RGBA), uint8 (8-bit) or uint16 (16-bit). Pillow cannot write 16-bit colour PNGs; this can.
-    ``filter_type`` (0..4, the same for every row) exists so tests can exercise each PNG filter."""
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``[H, W]`` or ``[H, W, C]`` (C = 1..4: grey, grey+alpha, RGB, RGBA) uint8 or uint16 as a PNG
+    of that bit depth. Pillow writes 8-bit images and 16-bit grey; 16-bit RGB/RGBA, which Pillow
+    cannot write, go through OpenCV (an optional dependency, see :func:`require_opencv`)."""
     array = np.asarray(array)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or not 1 <= array.shape[2] <= 4 or array.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"write_png takes [H, W(, 1..4)] uint8/uint16, "
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    channels = 1 if array.ndim == 2 else array.shape[-1]
+    wide = array.dtype == np.uint16
+    if (array.ndim not in (2, 3) or not 1 <= channels <= 4 or array.dtype not in (np.uint8, np.uint16)
+            or (wide and channels == 2)):
+        raise ValueError(f"write_png takes [H, W(, 1..4)] uint8 or [H, W(, 1, 3, 4)] uint16, "
                          f"got {array.shape} {array.dtype}")
-    height, width, channels = array.shape
-    depth = 8 if array.dtype == np.uint8 else 16
-    colour = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    rows = np.ascontiguousarray(array.astype(">u2" if depth == 16 else np.uint8)).view(np.uint8)
-    rows = rows.reshape(height, width * channels * depth // 8)
-    rows = _filter_rows(rows, channels * depth // 8, filter_type)
-    raw = np.concatenate([np.full((height, 1), filter_type, np.uint8), rows], axis=1)
-    data = (b"\x89PNG\r\n\x1a\n"
-            + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-            + _chunk(b"IEND", b""))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(data)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not wide or channels == 1:
+        Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
+        return
+    cv2 = require_opencv(f"writing the 16-bit PNG {path}")
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(array[:, :, [2, 1, 0, 3][:channels]]))  # BGR(A)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode {path}")
+    path.write_bytes(data.tobytes())
 
 
 def _check(name: str, image: np.ndarray, label: np.ndarray | None) -> None:

@@ -7,7 +7,7 @@ How: the batch sampler yields ``(index, sample_seed)`` pairs instead of bare ind
 where ``position`` counts samples drawn since the start of the run. Epoch ``e`` visits the dataset in
 the order ``randperm(n)`` with a generator seeded from ``(seed, e)`` (no shuffle: in order).
 
-Resume (``InfiniteLoader(..., start_step=k)`` or :meth:`InfiniteLoader.skip_to`): batch ``k`` covers
+Resume (``InfiniteLoader(..., start_step=k)``): batch ``k`` covers
 stream positions ``[k*B, (k+1)*B)``, whose epoch, permutation and per-sample seeds follow directly
 from the numbers, so resuming costs nothing and yields exactly the batches the uninterrupted run would
 have seen. This is the cheap equivalent of "restart the epoch with seed + epoch and skip the consumed
@@ -15,7 +15,7 @@ batches": no batch is read twice, and worker start-up order or prefetching canno
 
 The infinite stream concatenates epochs, so a batch can straddle two epochs and a dataset smaller
 than the batch still works (the official loaders repeat their id list to cover all iterations, the
-same thing). The finite loader (``infinite=False``) is one epoch per ``iter()``, ``drop_last`` as asked.
+same thing).
 
 Worker processes also get numpy and ``random`` seeded (``seed_worker``) for code outside these
 transforms; those draws are per worker, not per sample, so they depend on the number of workers.
@@ -31,10 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from diga_fast.engine import distributed
+from diga_fast.utils import dist
 
-__all__ = ["make_loader", "InfiniteLoader", "EpochBatchSampler", "SeededSamples", "seed_worker",
-           "sample_seed", "epoch_order"]
+__all__ = ["InfiniteLoader", "SeededSamples", "seed_worker", "sample_seed", "epoch_order"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -99,31 +98,6 @@ class SeededSamples(Dataset):
         return getattr(self.dataset, name)
 
 
-class EpochBatchSampler(Sampler):
-    """One epoch per ``iter()``: batches of ``(index, sample_seed)``; the epoch counter advances on
-    each ``iter()`` (set it with :meth:`set_epoch` to resume)."""
-
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
-        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
-        self.seed, self.drop_last = seed, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        order = epoch_order(self.n, epoch, self.seed, self.shuffle).tolist()
-        for b in range(len(self)):
-            start = b * self.batch_size
-            yield [(order[k], sample_seed(self.seed, epoch * self.n + k))
-                   for k in range(start, min(start + self.batch_size, self.n))]
-
-
 class _StreamBatchSampler(Sampler):
     """Endless batches over the concatenation of epochs, starting at batch ``start_step``. With
     ``world`` > 1 processes a global batch spans ``batch_size * world`` stream positions and this
@@ -172,7 +146,7 @@ def _data_loader(dataset: Dataset, batch_sampler: Sampler, num_workers: int, see
 
 class InfiniteLoader:
     """Endless batches for iteration-based training. ``step`` counts the batches handed out so far;
-    iterating starts at ``step`` (0, or ``start_step`` / :meth:`skip_to` to resume), and the batches
+    iterating starts at ``step`` (0, or ``start_step`` to resume), and the batches
     equal those an uninterrupted run yields at the same steps. Use ``next(loader)`` (one running
     iterator, kept inside) or ``for batch in loader`` (a fresh iterator from ``step``). Under torchrun
     (``rank``/``world``, default: this process's) each rank reads its rows of every global batch."""
@@ -187,26 +161,10 @@ class InfiniteLoader:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.step = start_step
         self._iterator: Iterator | None = None
-        info = distributed.current()
+        info = dist.current()
         self._sampler = _StreamBatchSampler(len(dataset), batch_size, shuffle, seed, start_step,
                                             info.rank if rank is None else rank, info.world if world is None else world)
         self._loader = _data_loader(dataset, self._sampler, num_workers, seed, collate_fn)
-
-    @property
-    def epoch(self) -> float:
-        """Epochs completed so far (fractional)."""
-        return self.step * self.batch_size / len(self.dataset)
-
-    def skip_to(self, step: int) -> None:
-        """Make the next iteration start at batch ``step`` (resume)."""
-        self.step = step
-        self._iterator = None
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.skip_to(int(state["step"]))
 
     def __iter__(self) -> Iterator:
         self._sampler.start_step = self.step
@@ -218,17 +176,3 @@ class InfiniteLoader:
         if self._iterator is None:
             self._iterator = iter(self)
         return next(self._iterator)
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
-                seed: int = 0, drop_last: bool = False, infinite: bool = False, start_step: int = 0,
-                collate_fn: Callable | None = None) -> DataLoader | InfiniteLoader:
-    """A seeded loader over ``dataset``: an :class:`InfiniteLoader` (``infinite=True``; ``drop_last``
-    does not apply, epochs run into each other) or a ``DataLoader`` with an
-    :class:`EpochBatchSampler` (one epoch per ``iter()``). Either way: per-sample seeding (same seed,
-    same batches, any ``num_workers``), persistent workers when ``num_workers > 0``, pinned memory
-    when CUDA is available."""
-    if infinite:
-        return InfiniteLoader(dataset, batch_size, shuffle, num_workers, seed, start_step, collate_fn)
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last)
-    return _data_loader(dataset, sampler, num_workers, seed, collate_fn)

@@ -237,3 +237,24 @@ def train_transform(
 def eval_transform(resize: Sequence[int] | None = None) -> Compose:
     """Validation / inference: a fixed resize (bicubic image, nearest label) or nothing."""
     return Compose([Resize(resize)] if resize is not None else [])
+
+
+class RandomZoom:
+    """Resize by a factor drawn uniformly from ``factors`` (aspect kept): the official loaders'
+    choice between two fixed sizes (e.g. GTA5 at 720x1280 and 1052x1914)."""
+
+    def __init__(self, factors: Sequence[float]):
+        self.factors = tuple(float(f) for f in factors)
+
+    def __call__(self, image, label=None):
+        factor = self.factors[int(torch.randint(len(self.factors), ()).item())] if len(self.factors) > 1 else self.factors[0]
+        if factor == 1.0:
+            return image, label
+        h, w = image.shape[:2]
+        return Resize((max(1, round(h * factor)), max(1, round(w * factor))))(image, label)
+
+
+def translator_transform(resize, zoom: Sequence[float], crop, content_retry: bool) -> Compose:
+    random_part = Compose([RandomZoom(zoom), RandomHorizontalFlip(), RandomCrop(crop, if_smaller="resize")])
+    steps = [Resize(resize)] if resize is not None else []
+    return Compose([*steps, ContentRetry(random_part) if content_retry else random_part])

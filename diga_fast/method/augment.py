@@ -14,29 +14,13 @@ x + f * (x - blur3x3(x)) with f ~ U(0, 0.5).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from diga_fast.engine.distributed import random_rows
+from diga_fast.config import StrongAugConfig
+from diga_fast.utils.dist import random_rows
 
 _GRAY = (0.299, 0.587, 0.114)
-
-
-@dataclass
-class StrongAugConfig:
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    jitter_p: float = 0.5
-    grayscale_p: float = 0.3
-    blur_sigma: float = 2.0
-    blur_p: float = 0.8
-    sharpness: float = 0.5
-    sharpness_p: float = 0.3
-    beta: float = 0.4
 
 
 def _per_image(shape: int, generator, device) -> torch.Tensor:

@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from diga_fast.data.labels import IGNORE_INDEX
-from diga_fast.engine import distributed
 from diga_fast.kernels import class_feature_sums
 from diga_fast.models import SegmentationModel
+from diga_fast.utils import dist
 
 
 def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -46,15 +46,15 @@ def initial_centroids(model: SegmentationModel, dataset: Dataset, device: torch.
     model.eval()
     sums = torch.zeros(model.num_classes, model.feature_dim, device=device, dtype=torch.float64)
     counts = torch.zeros(model.num_classes, device=device, dtype=torch.int64)
-    info = distributed.current()
+    info = dist.current()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world))
     for batch in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
         logits, features = model(batch["image"].to(device))
         batch_sums, batch_counts = class_feature_sums(features, agreement_labels(logits, None), model.num_classes)
         sums += batch_sums.sum(0).double()
         counts += batch_counts.sum(0)
-    distributed.all_reduce_sum(sums)
-    distributed.all_reduce_sum(counts)
+    dist.all_reduce_sum(sums)
+    dist.all_reduce_sum(counts)
     centroids = sums / counts.clamp(min=1).unsqueeze(1)
     return centroids.float(), counts
 
@@ -67,7 +67,7 @@ def update_centroids(centroids: torch.Tensor, features: torch.Tensor, labels: to
     per-image sums of all ranks are gathered and applied in the global batch's order, so every rank
     ends with the same centroids."""
     sums, counts = class_feature_sums(features, labels, centroids.shape[0])
-    sums, counts = distributed.gather_rows(sums), distributed.gather_rows(counts)
+    sums, counts = dist.gather_rows(sums), dist.gather_rows(counts)
     means = sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)
     for image_means, image_counts in zip(means, counts):  # images in order; classes vectorised
         step = (image_counts >= min_pixels).to(centroids.dtype).unsqueeze(1) * momentum

@@ -6,14 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from diga_fast.data.labels import IGNORE_INDEX
-from diga_fast.engine import distributed
-
-
-def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of logits to label size (align_corners=True, as the official code)."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+from diga_fast.models import upsample_to
+from diga_fast.utils import dist
 
 
 def segmentation_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -55,11 +49,11 @@ def ohem_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, thresh: float
 
 def source_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, train) -> torch.Tensor:
     """The supervised source loss the recipe names (``train.source_loss``): ``ce`` or ``ohem``. Under
-    torchrun the mean runs over the pixels of every rank (:func:`diga_fast.engine.distributed.global_mean`)."""
+    torchrun the mean runs over the pixels of every rank (:func:`diga_fast.utils.dist.global_mean`)."""
     if train.source_loss == "ohem":
         kept = _ohem_kept_losses(logits, labels, train.ohem_thresh, train.ohem_min_kept)
-        return distributed.global_mean(_mean_or_zero(kept, logits), lambda: torch.tensor(kept.numel()))
-    return distributed.global_mean(segmentation_cross_entropy(logits, labels), lambda: (labels != IGNORE_INDEX).sum())
+        return dist.global_mean(_mean_or_zero(kept, logits), lambda: torch.tensor(kept.numel()))
+    return dist.global_mean(segmentation_cross_entropy(logits, labels), lambda: (labels != IGNORE_INDEX).sum())
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -20,11 +20,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from diga_fast.data.labels import IGNORE_INDEX, LabelSpace
-from diga_fast.engine import distributed
-from diga_fast.engine.checkpoint import atomic_write
-from diga_fast.engine.inference import predict_logits, save_png
 from diga_fast.errors import DigaError
+from diga_fast.inference import predict_logits
 from diga_fast.models import SegmentationModel
+from diga_fast.utils import dist
+from diga_fast.utils.io import atomic_write, save_png
 
 INDEX_FILE = "pseudo_labels.json"
 
@@ -52,7 +52,7 @@ def generate_probability_labels(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     names = dataset.names
-    info = distributed.current()
+    info = dist.current()
     for index in range(info.rank, len(dataset), info.world):
         name, image, _ = raw_sample(dataset, index)
         x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div(255.0).unsqueeze(0).to(device)
@@ -64,11 +64,11 @@ def generate_probability_labels(
         save_png(out_dir / "color" / f"{name}.png", label_space.colorize(labels))
         if progress is not None:
             progress(index + 1, len(dataset))
-    distributed.barrier()
+    dist.barrier()
     if info.is_main:
         index_data = {"num_images": len(names), "label_space": label_space.name, "scales": list(scales), "names": names}
         atomic_write(out_dir / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index_data) + "\n"))
-    distributed.barrier()
+    dist.barrier()
     return out_dir
 
 

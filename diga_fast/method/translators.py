@@ -5,7 +5,8 @@ same geometry, so the source labels stay valid (``batch`` is the source batch ``
   high-frequency amplitude, take the low-frequency amplitude (a centred square of side
   2*floor(beta*min(H, W))+1 in the shifted spectrum) from a random target image. Needs no training.
 * ``cyclegan``: the frozen source->target generator trained by ``diga train translator``
-  (:mod:`diga_fast.method.translator_training`), loaded from its ``translator.safetensors``.
+  (:mod:`diga_fast.stages.translator`), loaded from its ``translator.safetensors``
+  (:func:`diga_fast.models.io.load_translator_generator`).
 * ``folder``: images translated beforehand (by any model), read with the source batch and cropped
   and flipped with it (:class:`diga_fast.data.translated.TranslatedSource`).
 """
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from diga_fast.errors import DigaError
+from diga_fast.models.io import load_translator_generator
 
 
 def fda_translate(source: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
@@ -57,7 +61,7 @@ class FDATranslator:
 
 
 class FolderTranslator:
-    """Pre-translated images: the source dataset (wrapped by :func:`diga_fast.method.common.source_train_dataset`)
+    """Pre-translated images: the source dataset (wrapped by :func:`diga_fast.data.build.source_train_dataset`)
     already delivers them, aligned with the crop, as ``batch["translated"]``."""
 
     kind = "folder"
@@ -71,7 +75,6 @@ class FolderTranslator:
 def build_translator(recipe, target_images: Iterator[torch.Tensor], device: torch.device):
     """The translator ``recipe.translator`` names: ``fda`` (style from ``target_images``), ``cyclegan``
     (a trained generator from ``diga train translator``), ``folder`` (pre-translated images)."""
-    from diga_fast.errors import DigaError
 
     cfg = recipe.translator
     if cfg.kind == "fda":
@@ -83,43 +86,6 @@ def build_translator(recipe, target_images: Iterator[torch.Tensor], device: torc
     if cfg.kind == "folder":
         return FolderTranslator()
     raise DigaError(f"unknown translator kind {cfg.kind!r}; choose fda, cyclegan or folder")
-
-
-# --------------------------------------------------------------------------- learned (cyclegan)
-
-
-def load_translator_generator(path: str | Path, device: str | torch.device | None = None):
-    """The source->target generator (enc_s + dec_s2t) from ``diga train translator``: a run folder
-    or its ``translator.safetensors``. Frozen, in eval mode, on ``device`` (default CPU)."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    from diga_fast.engine.checkpoint import load_state_checked
-    from diga_fast.errors import DigaError
-    from diga_fast.models.translator import TRANSLATOR_FILE, TRANSLATOR_FORMAT, ImageTranslator
-
-    path = Path(path)
-    if path.is_dir():
-        if not (path / TRANSLATOR_FILE).is_file():
-            raise DigaError(f"{path} holds no {TRANSLATOR_FILE} (train one with `diga train translator`)")
-        path = path / TRANSLATOR_FILE
-    elif not path.is_file():
-        raise DigaError(f"translator checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise DigaError(f"{path} is not a translator checkpoint (safetensors): {str(err).splitlines()[0]}") from None
-    if metadata.get("format") != TRANSLATOR_FORMAT or metadata.get("kind") != "cyclegan":
-        raise DigaError(f"{path} is not a translator checkpoint (no {TRANSLATOR_FORMAT} cyclegan metadata)")
-    try:
-        width, n_res = int(metadata["width"]), int(metadata["n_res"])
-    except (KeyError, ValueError):
-        raise DigaError(f"{path}: translator metadata lacks a valid width / n_res") from None
-    generator = ImageTranslator(width, n_res)
-    load_state_checked(generator, load_file(str(path)), str(path))
-    generator.requires_grad_(False)
-    return generator.eval().to(device or "cpu")
 
 
 class CycleGANTranslator:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from diga_fast.config import ARCHS
 from diga_fast.errors import DigaError
-from diga_fast.models.base import SegmentationModel
-
-ARCHS = ("small", "deeplabv2_r50", "deeplabv2_r101")
+from diga_fast.models.base import SegmentationModel, upsample_to
 
 
 def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> SegmentationModel:
@@ -23,4 +22,4 @@ def build_model(arch: str, num_classes: int, pretrained: str | None = None) -> S
     raise DigaError(f"unknown model {arch!r}; choose from {', '.join(ARCHS)}")
 
 
-__all__ = ["ARCHS", "SegmentationModel", "build_model"]
+__all__ = ["ARCHS", "SegmentationModel", "build_model", "upsample_to"]

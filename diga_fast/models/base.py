@@ -61,3 +61,11 @@ class SegmentationModel(nn.Module):
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Trainable parameters that run at ``head_lr_mult`` x the base learning rate."""
         raise NotImplementedError
+
+
+def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of logits (or any per-pixel scores) to label size (align_corners=True, as
+    the official code)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=True)

@@ -23,13 +23,12 @@ torchvision's ``vgg16().features`` / ``vgg19().features`` so that their state di
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from diga_fast.errors import DigaError
+
 
 
 def _conv_block(in_ch: int, out_ch: int, kernel: int, stride: int = 1, norm: bool = True, act: bool = True) -> nn.Sequential:
@@ -205,60 +204,3 @@ class VGGFeatures(nn.Module):
             if index in self.taps:
                 outputs.append(x)
         return outputs
-
-
-def load_vgg_features(path: str | Path) -> VGGFeatures:
-    """A :class:`VGGFeatures` from a local torchvision ``vgg16``/``vgg19`` state dict (``.pth`` or
-    ``.safetensors``; ``classifier.*`` entries are ignored; vgg16 vs vgg19 is read from the keys)."""
-    from diga_fast.engine.checkpoint import load_state_checked
-
-    path = Path(path)
-    if not path.is_file():
-        raise DigaError(f"translator.vgg_weights: file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any read failure means a bad file
-        raise DigaError(f"translator.vgg_weights: cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise DigaError(f"translator.vgg_weights: {path} does not hold a state dict")
-    features = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith("features.")}
-    convs = sum(1 for k in features if k.endswith(".weight"))
-    variant = {13: "vgg16", 16: "vgg19"}.get(convs)
-    if variant is None:
-        raise DigaError(
-            f"translator.vgg_weights: {path} is not a torchvision vgg16/vgg19 state dict "
-            f"(found {convs} 'features.*' conv weights, expected 13 or 16)"
-        )
-    model = VGGFeatures(variant)
-    load_state_checked(model, features, f"translator.vgg_weights {path}")
-    return model
-
-
-# ----------------------------------------------------------------------------------- checkpoint
-
-TRANSLATOR_FORMAT = "diga-fast-translator/1"
-TRANSLATOR_FILE = "translator.safetensors"
-
-
-def save_translator(path: str | Path, generator: ImageTranslator, recipe_digest: str = "") -> None:
-    """Write one direction's weights with the metadata that rebuilds it (kind, width, n_res)."""
-    from safetensors.torch import save_file
-
-    from diga_fast.engine.checkpoint import atomic_write
-
-    metadata = {
-        "format": TRANSLATOR_FORMAT,
-        "kind": "cyclegan",
-        "width": str(generator.width),
-        "n_res": str(generator.n_res),
-        "recipe": recipe_digest,
-    }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -19,13 +19,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from PIL import Image
 
+from diga_fast.config import Recipe
+from diga_fast.data.build import target_val_dataset
 from diga_fast.data.labels import LabelSpace
-from diga_fast.engine import distributed
-from diga_fast.engine.checkpoint import atomic_write
 from diga_fast.errors import DigaError
-from diga_fast.evaluate import ConfusionMatrix, summarize
-from diga_fast.method.losses import upsample_to
-from diga_fast.models import SegmentationModel
+from diga_fast.metrics import ConfusionMatrix, summarize
+from diga_fast.models import SegmentationModel, upsample_to
+from diga_fast.utils import dist
+from diga_fast.utils.io import save_png
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -67,14 +68,14 @@ def evaluate_model(
     bf16: bool = False,
 ) -> dict:
     """Confusion matrix over every pixel of ``dataset`` (full size; the first ``max_images``) ->
-    summary dict (see evaluate.py). Under torchrun each rank evaluates every world-th image and the
+    summary dict (:func:`diga_fast.metrics.summarize`). Under torchrun each rank evaluates every world-th image and the
     counts are summed, so every rank returns the same summary."""
     is_module = isinstance(model, torch.nn.Module)
     was_training = is_module and model.training
     if is_module:
         model.eval()
     matrix = ConfusionMatrix(label_space.num_classes, device=device)  # on the device: NCCL reduces it there
-    info = distributed.current()
+    info = dist.current()
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     shard = Subset(dataset, range(info.rank, count, info.world))
     for batch in DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers):
@@ -88,10 +89,13 @@ def evaluate_model(
     return summarize(matrix, label_space)
 
 
-def save_png(path: Path, array: np.ndarray) -> None:
-    """Write a PNG atomically (temp file + rename): an interrupted run leaves no truncated image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+def evaluate_on_target(model: SegmentationModel, recipe: Recipe, label_space: LabelSpace, device: torch.device) -> dict:
+    """Target-val mIoU of ``model`` with the recipe's inference scales (full-size images): what every
+    training stage reports."""
+    return evaluate_model(
+        model, target_val_dataset(recipe, label_space), label_space, device,
+        scales=recipe.data.eval_scales, max_images=recipe.data.eval_max_images, bf16=recipe.train.bf16,
+    )
 
 
 @torch.no_grad()

@@ -10,16 +10,20 @@ Every stage uses the ``demo`` preset (the small CPU model), the same seed and th
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from diga_fast.engine.checkpoint import atomic_write
-from diga_fast.engine.recipe import Recipe, apply_overrides, preset_recipe, validate_recipe
+from diga_fast.config import Recipe, apply_overrides, preset_recipe, validate_recipe
+from diga_fast.data.labels import get_label_space
 from diga_fast.errors import DigaError
+from diga_fast.models.io import load_model
+from diga_fast.stages.self_training import train_self_rounds
+from diga_fast.stages.source_only import train_source
+from diga_fast.stages.warmup import train_warmup
+from diga_fast.utils.io import write_json
 
 console = Console(stderr=True)
 
@@ -32,10 +36,6 @@ def demo_recipe(stage: str, seed: int, overrides: tuple[str, ...] = ()) -> Recip
 
 def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: bool = False,
              rounds: int = 2, overrides: tuple[str, ...] = (), export: bool = True) -> dict:
-    from diga_fast.method.self_training import train_self_rounds
-    from diga_fast.method.source_only import train_source
-    from diga_fast.method.warmup import train_warmup
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DigaError(f"--out {out} is not empty; choose a new folder for the demo")
@@ -74,7 +74,7 @@ def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: 
 
     summary = {"stages": stages, "seconds": seconds, "final_checkpoint": str(final),
                "onnx": str(exported) if exported else None}
-    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    write_json(out / "summary.json", summary)
     table = Table(title="diga demo: target val mIoU per stage (built-in pair, small CPU model)")
     table.add_column("stage")
     table.add_column("mIoU %", justify="right")
@@ -94,8 +94,6 @@ def export_final(checkpoint: Path, onnx_path: Path) -> Path | None:
     except ImportError as err:
         console.print(f"skipping the ONNX export ({err}); install diga-fast[cpu] or [gpu] for it")
         return None
-    from diga_fast.data.labels import get_label_space
-    from diga_fast.engine.checkpoint import load_model
     from diga_fast.export import export_model
 
     console.rule("[bold]export: ONNX, verified in ONNX Runtime")

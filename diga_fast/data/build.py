@@ -1,16 +1,15 @@
-"""What every training stage builds the same way: its datasets and the target-val evaluation."""
+"""The datasets a recipe names, built the same way for every stage: source and target training crops,
+the target val split, and the untransformed target train split (pseudo-labels and centroids)."""
 
 from __future__ import annotations
 
-import torch
 from torch.utils.data import Dataset
 
 from diga_fast.data import build_dataset
 from diga_fast.data.labels import LabelSpace
 from diga_fast.data.transforms import eval_transform, train_transform
 from diga_fast.data.translated import TranslatedSource
-from diga_fast.engine.inference import evaluate_model
-from diga_fast.engine.recipe import Recipe
+from diga_fast.config import Recipe
 from diga_fast.errors import DigaError
 
 
@@ -33,14 +32,14 @@ def source_train_dataset(recipe: Recipe, label_space: LabelSpace, translated: bo
     return dataset
 
 
-def target_train_dataset(recipe: Recipe, label_space: LabelSpace, with_labels: bool = False, **kwargs) -> Dataset:
-    """Target training crops; unlabelled unless a stage asks for (pseudo-)labels."""
+def target_train_dataset(recipe: Recipe, label_space: LabelSpace) -> Dataset:
+    """Unlabelled target training crops (the FDA translator's style images)."""
     data = recipe.data
     transform = train_transform(resize=data.target_resize, crop=data.crop, scale=data.target_scale, flip=True,
                                 content_retry=False)
     return build_dataset(
         data.target, role="target", split="train", label_space=label_space, transform=transform,
-        with_labels=with_labels, synthetic_images=data.synthetic_train_images, seed=recipe.train.seed, **kwargs,
+        with_labels=False, synthetic_images=data.synthetic_train_images, seed=recipe.train.seed,
     )
 
 
@@ -52,9 +51,8 @@ def target_val_dataset(recipe: Recipe, label_space: LabelSpace) -> Dataset:
     )
 
 
-def evaluate_on_target(model, recipe: Recipe, label_space: LabelSpace, device: torch.device) -> dict:
-    """Target-val mIoU of ``model`` with the recipe's inference scales (full-size images)."""
-    return evaluate_model(
-        model, target_val_dataset(recipe, label_space), label_space, device,
-        scales=recipe.data.eval_scales, max_images=recipe.data.eval_max_images, bf16=recipe.train.bf16,
-    )
+def target_images(recipe: Recipe, label_space: LabelSpace) -> Dataset:
+    """The target train split without transform (what pseudo-labels and centroids are made on); its
+    labels, where it has them, only measure the pseudo-labels."""
+    return build_dataset(recipe.data.target, role="target", split="train", label_space=label_space, transform=None,
+                         with_labels=True, synthetic_images=recipe.data.synthetic_train_images, seed=recipe.train.seed)

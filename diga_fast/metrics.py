@@ -37,14 +37,6 @@ class ConfusionMatrix:
         """int64 [K, K]: rows are ground truth, columns predictions."""
         return self._counts[:, : self.num_classes]
 
-    @property
-    def invalid_predictions(self) -> torch.Tensor:
-        """int64 [K]: per ground-truth class, pixels whose prediction was outside [0, K)."""
-        return self._counts[:, self.num_classes]
-
-    def reset(self) -> None:
-        self._counts.zero_()
-
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> None:
         """Add one batch. ``pred`` and ``target`` are integer tensors of the same shape (class

@@ -21,9 +21,10 @@ from typing import Any
 import yaml
 
 from diga_fast.errors import DigaError
-from diga_fast.method.augment import StrongAugConfig
 
 Size = tuple[int, int]
+
+ARCHS = ("small", "deeplabv2_r50", "deeplabv2_r101")
 
 
 @dataclass
@@ -83,6 +84,23 @@ class TrainConfig:
     source_loss: str = "ce"
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100_000
+
+
+@dataclass
+class StrongAugConfig:
+    """The strong photometric view (method.md Stage 1 step 1, :mod:`diga_fast.method.augment`)."""
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    jitter_p: float = 0.5
+    grayscale_p: float = 0.3
+    blur_sigma: float = 2.0
+    blur_p: float = 0.8
+    sharpness: float = 0.5
+    sharpness_p: float = 0.3
+    beta: float = 0.4
 
 
 @dataclass
@@ -339,17 +357,33 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
 
 # Fields that name one of a few behaviours, checked before a run starts.
 CHOICES = {
+    ("model", "arch"): ARCHS,
     ("train", "source_loss"): ("ce", "ohem"),
     ("translator", "kind"): ("fda", "cyclegan", "folder"),
+    ("self_training", "labels"): ("consensus", "prob", "feat", "threshold"),
+    ("self_training", "metric"): ("cosine", "l2"),
+    ("self_training", "feat_upsample"): ("nearest", "scores"),
 }
 
 
 def validate_recipe(recipe: Recipe) -> Recipe:
-    """Raise :class:`DigaError` for a field outside :data:`CHOICES` (before any run folder exists)."""
+    """Raise :class:`DigaError` for a field outside :data:`CHOICES` or a translator geometry the nets
+    cannot take (before any run folder exists)."""
     for (section, name), allowed in CHOICES.items():
         value = getattr(getattr(recipe, section), name)
         if value not in allowed:
             raise DigaError(f"{section}.{name}={value!r}; choose from {', '.join(allowed)}")
+    cfg = recipe.translator
+    if cfg.width < 1 or cfg.n_res < 0:
+        raise DigaError(f"translator.width must be >= 1 and translator.n_res >= 0, got {cfg.width} and {cfg.n_res}")
+    if any(s < 16 or s % 4 for s in cfg.crop):
+        raise DigaError(f"translator.crop must be multiples of 4, at least 16, got {list(cfg.crop)}")
+    for name in ("source_zoom", "target_zoom"):
+        zoom = getattr(cfg, name)
+        if not zoom or any(z <= 0 for z in zoom):
+            raise DigaError(f"translator.{name} must be a non-empty list of positive factors, got {list(zoom)}")
+    if not all(0 <= b < 1 for b in cfg.betas):
+        raise DigaError(f"translator.betas must be two numbers in [0, 1), got {list(cfg.betas)}")
     return recipe
 
 

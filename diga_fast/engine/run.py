@@ -1,109 +1,84 @@
-"""Pieces every training stage shares: device, seeding, the optimizer and its poly schedule, and the
-run object that owns the run folder, logging, progress, checkpoints and resume."""
+"""The run folder and everything written into it.
+
+A run folder holds ``config.yaml`` (the resolved recipe), weights as ``*.safetensors``
+(:mod:`diga_fast.models.io`), ``state.pt`` (everything ``--resume`` needs: step, optimizer, model and
+teacher states, RNG states, stage extras), ``metrics.jsonl`` and ``eval.json``. Every file is written
+to a temporary name in the same folder and renamed into place, so a crash never leaves a half-written
+checkpoint behind. Under torchrun only rank 0 writes.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import random
+import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from diga_fast.engine import distributed
-from diga_fast.engine.checkpoint import (
-    atomic_write,
-    MetricsLog,
-    load_state,
-    load_state_checked,
-    prepare_run_dir,
-    save_state,
-    save_weights,
-)
-from diga_fast.engine.recipe import Recipe, save_yaml
+from diga_fast.config import Recipe, save_yaml
+from diga_fast.engine.logging import MetricsLog, console, progress_bar
 from diga_fast.errors import DigaError
 from diga_fast.models import SegmentationModel
+from diga_fast.models.io import load_state_checked, save_weights
+from diga_fast.utils import dist
+from diga_fast.utils.io import atomic_write, write_json
 
-console = Console(stderr=True)
+MIN_FREE_BYTES = 64 * 2**20  # a run folder's disk must have this much free before training starts
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The device ``--device`` names (default: CUDA when available); under torchrun, this rank's."""
-    if name in (None, "", "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+def prepare_run_dir(out: str | Path, resume: bool) -> Path:
+    """Create (or, with ``resume``, reopen) a run folder; refuse to overwrite another run, and fail
+    before training when the folder cannot be written or its disk is nearly full."""
+    out = Path(out)
+    if resume:
+        if not (out / "state.pt").is_file():
+            raise DigaError(f"--resume: {out} holds no state.pt to resume from")
+    else:
+        if out.exists() and not out.is_dir():
+            raise DigaError(f"--out {out} exists and is not a folder")
+        if (out / "state.pt").exists():
+            raise DigaError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
+    # A folder with a config.yaml but no state.pt is a start that failed before its first checkpoint:
+    # starting again in it loses nothing.
+    _check_free_space(out)
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DigaError(f"--device {name!r} is not a device (use cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DigaError(f"--device {name}: CUDA is not available on this machine")
-    device = distributed.setup(device)  # under torchrun: join the group, this rank's GPU
-    if not distributed.current().is_main:
-        console.quiet = True  # rank 0 speaks for all
-    return device
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise DigaError(f"cannot write to --out {out}: {err.strerror or err}") from None
+    return out
 
 
-def training_forward(model: SegmentationModel, recipe: Recipe, device: torch.device,
-                     *others: torch.nn.Module) -> torch.nn.Module:
-    """What a stage calls for the training forward pass of ``model``: channels_last (also applied to
-    ``others``, e.g. the EMA teacher) when ``train.channels_last``, DistributedDataParallel under
-    torchrun, ``torch.compile`` when ``train.compile``. Weights stay those of ``model``."""
-    if recipe.train.channels_last:
-        for module in (model, *others):
-            module.to(memory_format=torch.channels_last)
-    trained = distributed.wrap(model, device)
-    if recipe.train.compile:
-        trained = torch.compile(trained, backend=recipe.train.compile_backend)
-    return trained
+def _check_free_space(out: Path) -> None:
+    """Refuse a run folder whose disk (that of its nearest existing ancestor) has under ``MIN_FREE_BYTES`` free."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # unreadable: the write probe reports the real problem
+    if free < MIN_FREE_BYTES:
+        raise DigaError(f"--out {out}: only {free / 2**20:.1f} MiB free on its disk, "
+                        f"a run needs at least {MIN_FREE_BYTES // 2**20} MiB for its checkpoints")
 
 
-def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
-    """One optimisation step of ``model`` on ``loss``; under torchrun its BatchNorm statistics are
-    then averaged so that every rank (and the EMA teacher built from them) stays identical."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    distributed.average_buffers(model)
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(model: SegmentationModel, recipe: Recipe) -> torch.optim.SGD:
-    """SGD, base LR for the backbone and ``head_lr_mult`` x for the head (method.md step 5)."""
-    cfg = recipe.optim
-    groups = [
-        {"params": list(model.backbone_parameters()), "lr": cfg.lr, "base_lr": cfg.lr},
-        {"params": list(model.head_parameters()), "lr": cfg.lr * cfg.head_lr_mult, "base_lr": cfg.lr * cfg.head_lr_mult},
-    ]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total: int, power: float) -> float:
-    """lr = base_lr * (1 - step / total) ** power for every group; returns the first group's lr."""
-    factor = (1.0 - step / total) ** power
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
-    return optimizer.param_groups[0]["lr"]
-
-
-def scalar_metrics(summary: dict, prefix: str = "target_val/") -> dict[str, float]:
-    """The numbers of an evaluation summary, for metrics.jsonl."""
-    return {f"{prefix}{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "num_classes"}
-
-
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise DigaError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -121,33 +96,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class PhaseTimer:
-    """Wall time of named phases of each training step, CUDA synchronised at the phase boundaries
-    (``diga bench train``). A disabled timer costs nothing and leaves the step asynchronous."""
 
-    def __init__(self, device: torch.device | None = None, enabled: bool = True) -> None:
-        self.sync = device is not None and device.type == "cuda"
-        self.enabled = enabled
-        self.steps: list[dict[str, float]] = []
-        self._current: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        if self.sync:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        yield
-        if self.sync:
-            torch.cuda.synchronize()
-        self._current[phase] = self._current.get(phase, 0.0) + time.perf_counter() - start
-
-    def next_step(self) -> None:
-        if self.enabled:
-            self.steps.append(self._current)
-            self._current = {}
+def scalar_metrics(summary: dict, prefix: str = "target_val/") -> dict[str, float]:
+    """The numbers of an evaluation summary, for metrics.jsonl."""
+    return {f"{prefix}{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "num_classes"}
 
 
 class TrainingRun:
@@ -160,7 +112,7 @@ class TrainingRun:
         self.recipe = recipe
         self.dir = Path(out)
         self.resume = resume
-        self.is_main = distributed.current().is_main  # under torchrun only rank 0 writes the folder
+        self.is_main = dist.current().is_main  # under torchrun only rank 0 writes the folder
 
         def prepare() -> None:
             prepare_run_dir(out, resume)
@@ -168,7 +120,7 @@ class TrainingRun:
                 atomic_write(self.dir / "config.yaml", lambda tmp: save_yaml(recipe, tmp))
                 (self.dir / "metrics.jsonl").unlink(missing_ok=True)
 
-        distributed.on_main(prepare)
+        dist.on_main(prepare)
         self.metrics = MetricsLog(self.dir) if self.is_main else None
         self.step = 0
         self._last_log_time = time.perf_counter()
@@ -195,7 +147,7 @@ class TrainingRun:
             "modules": {name: module.state_dict() for name, module in modules.items()},
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "rng": _rng_state(),
-            "world": distributed.current().world,
+            "world": dist.current().world,
             "extras": extras or {},
         }
         save_state(self.dir / "state.pt", state)
@@ -219,7 +171,7 @@ class TrainingRun:
         if optimizer is not None and state["optimizer"] is not None:
             optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
-        saved_world, world = int(state.get("world", 1)), distributed.current().world
+        saved_world, world = int(state.get("world", 1)), dist.current().world
         if saved_world != world:
             console.print(f"[yellow]warning: resuming with {world} process(es) a run saved with {saved_world}: the global "
                           "batch changes, so the rest of the run differs from an uninterrupted one[/yellow]")
@@ -250,7 +202,7 @@ class TrainingRun:
                extras: dict[str, Any] | None = None) -> dict:
         """The final evaluation's metrics, the last checkpoint, ``eval.json``; returns ``summary``."""
         step = self.recipe.train.iters
-        if distributed.current().enabled:
+        if dist.current().enabled:
             self._record_rank_agreement(modules, extras or {})
         self.log(step, **scalar_metrics(summary))
         self.save(step, modules, optimizer, extras)
@@ -263,12 +215,12 @@ class TrainingRun:
         written to ``ranks.json``; the ranks must hold identical copies."""
         names = [*modules, *(k for k, v in extras.items() if torch.is_tensor(v) and v.is_floating_point())]
         tensors = [list(modules[n].state_dict().values()) if n in modules else [extras[n]] for n in names]
-        mine = torch.stack([distributed.fingerprint(group) for group in tensors]).to(distributed.current().device)
-        every = distributed.gather_rows(mine[None]).cpu()
+        mine = torch.stack([dist.fingerprint(group) for group in tensors]).to(dist.current().device)
+        every = dist.gather_rows(mine[None]).cpu()
         identical = bool((every == every[0]).all())
         if not identical:
             console.print("[yellow]warning: the ranks' copies of the model differ; see ranks.json[/yellow]")
-        self.write_json("ranks.json", {"world": distributed.current().world, "identical": identical,
+        self.write_json("ranks.json", {"world": dist.current().world, "identical": identical,
                                        "fingerprints": {n: every[:, i].tolist() for i, n in enumerate(names)}})
 
     # -- logging ---------------------------------------------------------------------------
@@ -279,7 +231,7 @@ class TrainingRun:
         """Stop with one line naming the value and the step when one is NaN/inf (on any rank)."""
         numbers = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()  # one sync
         bad = [(name, number) for name, number in zip(values, numbers) if not math.isfinite(number)]
-        if not distributed.any_rank(bool(bad)):
+        if not dist.any_rank(bool(bad)):
             return
         where = (f"the last good checkpoint (step {self.last_saved_step}) is in {self.dir}"
                  if self.last_saved_step is not None else "no checkpoint was written yet")
@@ -294,35 +246,13 @@ class TrainingRun:
         self._last_log_time, self._last_log_step = now, step
         self.metrics.write(step, **values, it_per_s=round(rate, 3))
 
-    @contextmanager
-    def progress(self, total: int, description: str) -> Iterator[Callable[..., None]]:
-        """A rich progress bar (it/s, ETA, the latest values); yields ``tick(step, **values)``."""
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} it/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
-        start_time, start_step = time.perf_counter(), self.step
-        with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
-            task = bar.add_task(description, total=total, completed=self.step, rate="-", info="")
-
-            def tick(step: int, **values: Any) -> None:
-                rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
-                info = " ".join(f"{k} {float(v.detach() if torch.is_tensor(v) else v):.4f}" for k, v in values.items())
-                bar.update(task, completed=step, rate=f"{rate:.2f}", info=info)
-                if not console.is_terminal and (step % max(1, total // 10) == 0 or step == total):
-                    console.print(f"{description}: {step}/{total}  {rate:.2f} it/s  {info}", highlight=False)
-
-            yield tick
+    def progress(self, total: int, description: str):
+        """A progress bar from this run's step to ``total``; yields ``tick(step, **values)``."""
+        return progress_bar(total, description, start=self.step)
 
     def write_json(self, name: str, data: Any) -> None:
         if self.is_main:
-            atomic_write(self.dir / name, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+            write_json(self.dir / name, data)
 
     def close(self) -> None:
         if self.metrics is not None:

@@ -1,0 +1,147 @@
+"""What every training loop does the same way, so that a stage's file holds only its own steps:
+
+    stage = Stage(recipe, out, device, resume)    device (this rank's), seed, label space, draws
+    ... build the stage's datasets (fail on bad data before anything is written)
+    run = stage.open_run()                          the run folder (checks the target val split first)
+    ... build nets and optimiser; stage.restore(...) on --resume
+    for step, lr in stage.steps(description, optimizer):   poly LR, progress bar, kernel backend
+        ... the stage's losses; run.check_finite; backward_step
+        stage.end_step(step + 1, loss, lr, networks, optimizer, evaluate=student, log=...)
+    return stage.finish(student, networks, optimizer)      evaluate, save, eval.json
+
+Phases of a step are marked with :func:`phase`: a ``torch.profiler.record_function`` range (seen by
+any profiler) that also reports to a timer when ``diga bench train`` installs one
+(:func:`timing_phases`); nothing of the benchmark reaches the training functions' signatures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import record_function
+from torch.utils.data import Dataset
+
+from diga_fast.config import Recipe
+from diga_fast.data.build import target_val_dataset
+from diga_fast.data.labels import get_label_space
+from diga_fast.data.loader import InfiniteLoader
+from diga_fast.engine.device import resolve_device, seed_everything
+from diga_fast.engine.optim import build_optimizer, set_poly_lr
+from diga_fast.engine.run import TrainingRun
+from diga_fast.inference import evaluate_on_target
+from diga_fast.kernels import default_backend
+from diga_fast.models import SegmentationModel, build_model
+from diga_fast.utils.dist import ShardedGenerator
+
+_phase_timer = None  # what timing_phases installs: timer(name) -> context manager, timer.next_step()
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """A named phase of a training step: a profiler range ``diga/<name>``, timed when a timer is installed."""
+    with record_function(f"diga/{name}"):
+        if _phase_timer is None:
+            yield
+        else:
+            with _phase_timer(name):
+                yield
+
+
+@contextmanager
+def timing_phases(timer) -> Iterator[None]:
+    """Report every :func:`phase` to ``timer`` (``timer(name)`` a context manager, ``timer.next_step()``
+    called after each step) while the block runs."""
+    global _phase_timer
+    _phase_timer = timer
+    try:
+        yield
+    finally:
+        _phase_timer = None
+
+
+class Stage:
+    """The shared setup and bookkeeping of a training loop (see the module docstring)."""
+
+    def __init__(self, recipe: Recipe, out: str | Path, device: str | None, resume: bool) -> None:
+        self.recipe, self.out, self.resume = recipe, Path(out), resume
+        self.device = resolve_device(device)
+        seed_everything(recipe.train.seed)
+        self.label_space = get_label_space(recipe.data.label_space)
+        self.generator = ShardedGenerator(recipe.train.seed)  # augmentation and ClassMix draws
+        self.run: TrainingRun | None = None
+        self._tick: Callable[..., None] | None = None
+
+    def open_run(self, check_target_val: bool = True) -> TrainingRun:
+        """The run folder (new, or reopened on --resume), once the target val split is known to load."""
+        if check_target_val:
+            target_val_dataset(self.recipe, self.label_space)
+        self.run = TrainingRun(self.recipe, self.out, self.resume)
+        return self.run
+
+    def segmentation_model(self, model: SegmentationModel | None = None) -> SegmentationModel:
+        """``model`` (or a new one of the recipe's arch, pretrained as the recipe says) on the device,
+        with the recipe's dropout and BatchNorm options."""
+        recipe = self.recipe
+        if model is None:
+            model = build_model(recipe.model.arch, self.label_space.num_classes, recipe.model.pretrained)
+        model = model.to(self.device)
+        model.set_training_options(recipe.model.dropout, recipe.model.freeze_bn_stats)
+        return model
+
+    def optimizer(self, model: SegmentationModel) -> torch.optim.SGD:
+        return build_optimizer(model, self.recipe)
+
+    def restore(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """On --resume: weights, optimizer, RNG and the stage's draws; returns the stage's extras."""
+        extras = self.run.restore(modules, optimizer)
+        if "generator" in extras:
+            self.generator.set_state(extras["generator"])
+        return extras
+
+    def loader(self, dataset: Dataset) -> InfiniteLoader:
+        """Endless seeded batches of ``dataset`` from this run's step (this rank's rows under torchrun)."""
+        data = self.recipe.data
+        return InfiniteLoader(dataset, data.batch_size, shuffle=True, num_workers=data.num_workers,
+                              seed=self.recipe.train.seed, start_step=self.run.step)
+
+    def steps(self, description: str, *optimizers: torch.optim.Optimizer) -> Iterator[tuple[int, float]]:
+        """``(step, lr)`` from the run's step to ``train.iters``, the poly LR set on every optimiser,
+        inside a progress bar and with the kernel backend the recipe asks for."""
+        total, power = self.recipe.train.iters, self.recipe.optim.poly_power
+        with self.run.progress(total, description) as self._tick, \
+                default_backend(None if self.recipe.train.kernels else "torch"):
+            for step in range(self.run.step, total):
+                lr = [set_poly_lr(optimizer, step, total, power) for optimizer in optimizers][0]
+                yield step, lr
+                if _phase_timer is not None:
+                    _phase_timer.next_step()
+
+    def end_step(self, done: int, loss: torch.Tensor, lr: float, modules: dict[str, SegmentationModel],
+                 optimizer: torch.optim.Optimizer, evaluate: SegmentationModel,
+                 extras: Callable[[], dict[str, Any]] = dict, log: Callable[[], dict[str, Any]] = dict) -> None:
+        """Progress; every ``train.log_every`` steps a metrics line with ``log()``'s values (computed
+        only then); periodic checkpoints (with ``extras()``) and evaluations of ``evaluate``."""
+        self.tick(done, loss=loss)
+        if self.run.should_log(done):
+            self.run.log(done, loss=loss, lr=lr, **log())
+        self.run.checkpoint_and_evaluate(done, modules, optimizer, extras=extras, evaluate=lambda: self.evaluate(evaluate))
+
+    def tick(self, done: int, **values: torch.Tensor) -> None:
+        """Advance the progress bar to step ``done``, showing ``values``."""
+        self._tick(done, **values)
+
+    def evaluate(self, model: SegmentationModel) -> dict:
+        return evaluate_on_target(model, self.recipe, self.label_space, self.device)
+
+    def finish(self, model: SegmentationModel, modules: dict[str, SegmentationModel], optimizer: torch.optim.Optimizer,
+               extras: dict[str, Any] | None = None) -> dict:
+        """The final evaluation of ``model``, logged; the last checkpoint; ``eval.json``."""
+        return self.run.finish(self.evaluate(model), modules, optimizer, extras)
+
+    def is_due(self, every: int, done: int) -> bool:
+        """Whether rank 0 should do an every-``every``-steps task (e.g. image grids) at step ``done``."""
+        return self.run.is_main and bool(every) and (done % every == 0 or done == self.recipe.train.iters)

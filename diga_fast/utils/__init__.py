@@ -1,0 +1,1 @@
+"""The bottom floor: collectives and seeded sharding (:mod:`dist`), atomic files and images (:mod:`io`)."""

@@ -1,0 +1,29 @@
+"""``diga demo`` end to end at a tiny size: every stage runs, the summary and the ONNX export exist."""
+
+import json
+
+from cli_helpers import TINY, assert_one_line_error, run
+
+
+def test_demo_runs_every_stage_and_exports(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run(capsys, "demo", "--out", out, "--rounds", "2", "--device", "cpu", *TINY,
+                            "data.crop=[48, 96]", "train.iters=2", "warmup.visualize_every=0")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    stages = ["source_only", "warmup", "self_training_round1", "self_training_round2"]
+    assert list(summary["stages"]) == stages and list(summary["seconds"]) == stages
+    assert all(0.0 <= miou <= 100.0 for miou in summary["stages"].values())
+    for stage in stages:  # each stage's own eval.json holds the number the table shows
+        assert round(json.loads((out / stage / "eval.json").read_text())["miou"], 2) == summary["stages"][stage]
+    assert summary["final_checkpoint"] == str(out / "self_training_round2")
+    assert summary["onnx"] == str(out / "model.onnx") and (out / "model.onnx").is_file()
+    assert "self_training_round2" in stdout
+
+
+def test_demo_refuses_a_folder_in_use(tmp_path, capsys):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("keep me")
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "used")
+    assert_one_line_error(code, err, "not empty")
+    assert (tmp_path / "used" / "notes.txt").read_text() == "keep me"
