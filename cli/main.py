@@ -34,6 +34,10 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="diga", standalone_mode=False)
+        if "torch" in sys.modules:  # under torchrun: leave the process group together (not for --help)
+            from diga_fast.utils import dist
+
+            dist.shutdown()
     except click.exceptions.Exit as stop:
         sys.exit(stop.exit_code)
     except click.exceptions.Abort:

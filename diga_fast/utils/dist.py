@@ -83,6 +83,16 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
+def shutdown() -> None:
+    """Leave the process group at the end of a command that succeeded on every rank: a barrier first,
+    so that no rank tears down connections another is still using (gloo aborts the process then)."""
+    global _current
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _current = DistInfo()
+
+
 def on_main(fn) -> None:
     """Call ``fn()`` on rank 0 only; a :class:`DigaError` there is raised on every rank (so no rank
     waits forever for one that stopped)."""
