@@ -11,6 +11,7 @@ from diga_fast.data import parse_dataset_spec
 from diga_fast.config import (
     ARCHS,
     PRESETS,
+    absolute_paths,
     Recipe,
     apply_overrides,
     load_yaml,
@@ -21,12 +22,13 @@ from diga_fast.config import (
 from diga_fast.errors import DigaError
 
 
-_SOURCE = click.option("--source", default="synthetic", show_default=True, help="Labelled source data: synthetic, gta5:ROOT, synthia:ROOT, cityscapes:ROOT.")
-_TARGET = click.option("--target", default="synthetic", show_default=True, help="Target data (unlabelled for adaptation; its val split is evaluated).")
+_SOURCE = click.option("--source", default=None, help="Labelled source data: synthetic, gta5:ROOT, synthia:ROOT, cityscapes:ROOT [default: synthetic].")
+_TARGET = click.option("--target", default=None, help="Target data (unlabelled for adaptation; its val split is evaluated) [default: synthetic].")
 _PRESET = click.option("--preset", type=click.Choice(PRESETS), default=None, help="Recipe preset [default: demo on the built-in pair, paper on real data].")
 _CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML recipe file (e.g. a run's config.yaml) applied over the preset.")
 _SEED = click.option("--seed", type=int, default=None, help="Random seed (also of the built-in pair's images) [default: 0].")
 _DEVICE = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+FORCE = click.option("--force", is_flag=True, help="Write into a non-empty --out (a run there is replaced).")
 _OVERRIDES = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 
 
@@ -45,6 +47,7 @@ def training_options(command):
         _SEED, _DEVICE,
         click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (fp32 master weights and losses)."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its state.pt."),
+        FORCE,
         _OVERRIDES,
     ])
 
@@ -63,6 +66,31 @@ def labelling_recipe(target: str, preset: str | None, config_file: str | None, s
                           overrides=overrides)
 
 
+def check_out_folder(out: str | Path, stage: str | None = None, resume: bool = False, force: bool = False) -> Path:
+    """Refuse a non-empty ``--out`` before any work starts, unless it is this stage's run being resumed,
+    the leftovers of this stage's start that failed before its first checkpoint (``config.yaml``, no
+    ``state.pt``), or ``--force`` is given (then a run's ``state.pt`` there is removed, so the new run
+    replaces it instead of refusing to)."""
+    out = Path(out)
+    if resume or not out.exists():
+        return out
+    if not out.is_dir():
+        raise DigaError(f"--out {out} exists and is not a folder")
+    entries = list(out.iterdir())
+    if not entries:
+        return out
+    if force:
+        for state in (out / "state.pt", *out.glob("round_*/state.pt")):
+            state.unlink(missing_ok=True)
+        return out
+    if stage is not None and not (out / "state.pt").exists() and (out / "config.yaml").is_file():
+        if load_yaml(out / "config.yaml").get("stage") == stage:
+            return out  # a start that failed before its first checkpoint: starting again loses nothing
+    what = "a run" if (out / "state.pt").exists() else f"{len(entries)} entries"
+    raise DigaError(f"--out {out} is not empty (it holds {what}); choose a new folder"
+                    f"{', --resume the run in it' if (out / 'state.pt').exists() else ''} or pass --force to write into it")
+
+
 def parse_scales(text: str) -> tuple[float, ...]:
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
@@ -73,19 +101,30 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def resolve_recipe(stage: str, *, source: str, target: str, preset: str | None, config_file: str | None,
-                   arch: str | None, pretrained: str | None, iters: int | None, seed: int | None,
-                   bf16: bool | None, resume: bool, out: str, overrides: tuple[str, ...]) -> Recipe:
-    """Preset -> --config -> named options -> KEY=VALUE overrides. On --resume the run's own
-    config.yaml is the recipe (only --iters and overrides may change it)."""
+def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset: str | None,
+                   config_file: str | None, arch: str | None, pretrained: str | None, iters: int | None,
+                   seed: int | None, bf16: bool | None, resume: bool, out: str, overrides: tuple[str, ...]) -> Recipe:
+    """Preset -> --config -> named options -> KEY=VALUE overrides; paths in it made absolute. On
+    --resume the run's own config.yaml is the recipe: only --iters and overrides may change it, and
+    any other recipe option is refused rather than silently ignored."""
     if resume:
+        ignored = [name for name, value in (("--source", source), ("--target", target), ("--preset", preset),
+                                             ("--config", config_file), ("--model", arch), ("--pretrained", pretrained),
+                                             ("--seed", seed), ("--bf16/--no-bf16", bf16)) if value is not None]
+        if ignored:
+            raise DigaError(f"--resume continues {out} with its own config.yaml; {', '.join(ignored)} cannot change it "
+                            "(only --iters and KEY=VALUE overrides can)")
         run_dir = Path(out) if (Path(out) / "config.yaml").is_file() else Path(out) / "round_1"  # self --rounds
         saved = run_dir / "config.yaml"
         if not (run_dir / "state.pt").is_file() or not saved.is_file():
             raise DigaError(f"--resume: {out} holds no state.pt and config.yaml to resume from")
         values = load_yaml(saved)
+        if values.get("stage", stage) != stage:
+            raise DigaError(f"--resume: {out} is a {values.get('stage')!r} run, not a {stage!r} run "
+                            f"(continue it with `diga train {values.get('stage')} --resume --out {out}`)")
         recipe = recipe_from_dict(values, base=preset_recipe(values.get("preset", "demo"), stage))
     else:
+        source, target = source or "synthetic", target or "synthetic"
         source_spec, target_spec = parse_dataset_spec(source), parse_dataset_spec(target)
         if preset is None:
             preset = "demo" if source_spec.is_synthetic and target_spec.is_synthetic else "paper"
@@ -105,4 +144,4 @@ def resolve_recipe(stage: str, *, source: str, target: str, preset: str | None, 
             recipe.train.bf16 = bf16
     if iters is not None:
         recipe.train.iters = iters
-    return validate_recipe(apply_overrides(recipe, overrides))
+    return absolute_paths(validate_recipe(apply_overrides(recipe, overrides)))

@@ -42,9 +42,12 @@ def synth(out: str, train_images: int, val_images: int, seed: int) -> None:
             image, label = render_scene(domain, split, index, seed)
             yield f"{index:05d}", image, label
 
-    write_gta5_layout(root / "gta5", scenes("source", "train", train_images))
-    write_cityscapes_layout(root / "cityscapes", "train", scenes("target", "train", train_images))
-    write_cityscapes_layout(root / "cityscapes", "val", scenes("target", "val", val_images))
+    try:
+        write_gta5_layout(root / "gta5", scenes("source", "train", train_images))
+        write_cityscapes_layout(root / "cityscapes", "train", scenes("target", "train", train_images))
+        write_cityscapes_layout(root / "cityscapes", "val", scenes("target", "val", val_images))
+    except OSError as err:
+        raise DigaError(f"cannot write the pair into {root}: {err.strerror or err}") from None
     click.echo(f"wrote {train_images} source images to {root / 'gta5'} and {train_images}+{val_images} target images to {root / 'cityscapes'}")
 
 

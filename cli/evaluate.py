@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import click
 from rich.console import Console
 
-from diga_fast.cli.common import parse_scales
+from diga_fast.cli.common import FORCE, check_out_folder, parse_scales
 from diga_fast.errors import DigaError
 
 
-def _write_json(path: str, data: dict) -> None:
-    from diga_fast.utils.io import atomic_write
+def check_output_file(path: str | None, option: str) -> None:
+    """Before any work: the folder of an output file must exist and be writable."""
+    if path is None:
+        return
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise DigaError(f"{option}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise DigaError(f"{option}: folder {folder} is not writable")
 
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise DigaError(f"--json: folder {target.parent} does not exist")
-    atomic_write(target, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+def _write_json(path: str, data: dict) -> None:
+    from diga_fast.utils.io import write_json
+
+    try:
+        write_json(Path(path), data)
+    except OSError as err:
+        raise DigaError(f"--json: cannot write {path}: {err.strerror or err}") from None
 
 
 @click.command("eval")
@@ -44,6 +55,7 @@ def eval_command(checkpoint, onnx_path, pred_dir, target, split, scales, label_s
 
     if sum(x is not None for x in (checkpoint, onnx_path, pred_dir)) != 1:
         raise DigaError("give exactly one of --checkpoint, --onnx or --pred-dir")
+    check_output_file(json_path, "--json")
     spec = parse_dataset_spec(target)
     if pred_dir is not None:
         if spec.kind != "cityscapes":
@@ -98,7 +110,9 @@ def _onnx_segmenter(onnx_path: str, device: str, label_space: str | None, scales
 @click.option("--scales", default="1.0", show_default=True, help="Inference scales; logits are max-combined.")
 @click.option("--overlay", is_flag=True, help="Also write NAME_overlay.png (image blended with the colour map).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda[:N] or auto (with --onnx: the ONNX Runtime provider).")
-def predict(checkpoint, onnx_path, images_dir, out, scales, overlay, device) -> None:
+@click.option("--skip-bad", is_flag=True, help="Leave unreadable images out (listed at the end, exit status 1) instead of stopping.")
+@FORCE
+def predict(checkpoint, onnx_path, images_dir, out, scales, overlay, device, skip_bad, force) -> None:
     """Segment every image under --images: NAME_labelIds.png (Cityscapes label ids) and NAME_color.png.
     Images of any size run at full size; greyscale, palette, RGBA and 16-bit files are converted to
     8-bit RGB first (alpha dropped, 16-bit samples keep their high byte)."""
@@ -110,14 +124,22 @@ def predict(checkpoint, onnx_path, images_dir, out, scales, overlay, device) -> 
     if (checkpoint is None) == (onnx_path is None):
         raise DigaError("give exactly one of --checkpoint or --onnx")
     scale_values = parse_scales(scales)
-    out_dir = Path(out)
+    if Path(out).resolve() == Path(images_dir).resolve():
+        raise DigaError("--out must not be the --images folder (the next run would read the predictions as images); "
+                        "a sub-folder of it is fine")
+    out_dir = check_out_folder(out, force=force)
     if onnx_path is not None:
         import torch
 
         segmenter, space = _onnx_segmenter(onnx_path, device, None, scale_values)
-        count = predict_folder(segmenter, images_dir, out_dir, space, torch.device("cpu"), scale_values, overlay)
+        model, dev = segmenter, torch.device("cpu")
     else:
         dev = resolve_device(device)
         model, meta = load_model(checkpoint)
-        count = predict_folder(model.to(dev), images_dir, out_dir, get_label_space(meta["label_space"]), dev, scale_values, overlay)
+        model, space = model.to(dev), get_label_space(meta["label_space"])
+    count, skipped = predict_folder(model, images_dir, out_dir, space, dev, scale_values, overlay, skip_bad=skip_bad)
     click.echo(f"wrote predictions for {count} images to {out_dir}")
+    if skipped:
+        for why in skipped:
+            click.echo(f"skipped {why}", err=True)
+        raise click.exceptions.Exit(1)

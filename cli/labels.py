@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from diga_fast.cli.common import labelling_options, labelling_recipe
+from diga_fast.cli.common import FORCE, check_out_folder, labelling_options, labelling_recipe
+from diga_fast.cli.evaluate import check_output_file
 from diga_fast.errors import DigaError
 
 _CHECKPOINT = click.option("--checkpoint", required=True, type=click.Path(), help="Warm-up (or self-training) run folder or .safetensors.")
@@ -32,17 +33,21 @@ def _student_and_images(checkpoint: str, recipe, device: str):
 @click.command("pseudo-label")
 @_CHECKPOINT
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for labels/, confidence/, color/.")
+@FORCE
 @labelling_options
-def pseudo_label(checkpoint, out, target, preset, config_file, seed, device, overrides) -> None:
+def pseudo_label(checkpoint, out, force, target, preset, config_file, seed, device, overrides) -> None:
     """Probability labels: the model's argmax on every target training image, no threshold
     (inference scales: self_training.pseudo_label_scales, default 1.0,0.5)."""
-    from diga_fast.method.pseudo_labels import INDEX_FILE, generate_probability_labels
+    from diga_fast.method.pseudo_labels import generate_probability_labels
     from diga_fast.utils import dist
 
     recipe = labelling_recipe(target, preset, config_file, seed, overrides)
-    if (Path(out) / INDEX_FILE).exists():
-        raise DigaError(f"{out} already holds pseudo-labels; choose another --out")
+    check_out_folder(out, force=force)
     model, space, dev, images = _student_and_images(checkpoint, recipe, device)
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DigaError(f"cannot create --out {out}: {err.strerror or err}") from None
     generate_probability_labels(model, images, out, space, dev, recipe.self_training.pseudo_label_scales)  # sharded under torchrun
     if dist.current().is_main:
         click.echo(f"wrote probability labels for {len(images)} images to {out}")
@@ -61,8 +66,7 @@ def centroids(checkpoint, out, target, preset, config_file, seed, device, overri
 
     recipe = labelling_recipe(target, preset, config_file, seed, overrides)
     path = Path(out)
-    if not path.parent.is_dir():
-        raise DigaError(f"--out: folder {path.parent} does not exist")
+    check_output_file(out, "--out")
     model, space, dev, images = _student_and_images(checkpoint, recipe, device)
     values, counts = initial_centroids(model, images, dev)  # sharded under torchrun
     if not dist.current().is_main:

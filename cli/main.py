@@ -33,11 +33,13 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cli.main(args=argv, prog_name="diga", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="diga", standalone_mode=False)  # an explicit Exit(N) returns N
         if "torch" in sys.modules:  # under torchrun: leave the process group together (not for --help)
             from diga_fast.utils import dist
 
             dist.shutdown()
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Exit as stop:
         sys.exit(stop.exit_code)
     except click.exceptions.Abort:

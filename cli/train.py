@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from diga_fast.cli.common import resolve_recipe, training_options
+from diga_fast.cli.common import check_out_folder, resolve_recipe, training_options
 
 
 def _console() -> Console:
@@ -22,7 +22,7 @@ def train() -> None:
 
 @train.command("source")
 @training_options
-def train_source_command(out, device, resume, **options) -> None:
+def train_source_command(out, device, resume, force, **options) -> None:
     """Supervised training on --source (the source-only baseline); evaluates on --target val.
 
     The oracle on the built-in pair: --source synthetic:target (trains on the target's labels)."""
@@ -30,6 +30,7 @@ def train_source_command(out, device, resume, **options) -> None:
     from diga_fast.stages.source_only import train_source
 
     recipe = resolve_recipe("source", out=out, resume=resume, **options)
+    check_out_folder(out, "source", resume, force)
     summary = train_source(recipe, out, device=device, resume=resume)
     console = _console()
     console.print(iou_table(summary, title=f"target val ({recipe.data.target}) after {recipe.train.iters} iterations"))
@@ -38,7 +39,7 @@ def train_source_command(out, device, resume, **options) -> None:
 
 @train.command("warmup")
 @training_options
-def train_warmup_command(out, device, resume, **options) -> None:
+def train_warmup_command(out, device, resume, force, **options) -> None:
     """DiGA stage 1: CE on the source + two-way distillation between the clean and the CrDoMix
     view with an EMA teacher (source data only; the target feeds the FDA translator).
 
@@ -47,6 +48,7 @@ def train_warmup_command(out, device, resume, **options) -> None:
     from diga_fast.stages.warmup import train_warmup
 
     recipe = resolve_recipe("warmup", out=out, resume=resume, **options)
+    check_out_folder(out, "warmup", resume, force)
     summary = train_warmup(recipe, out, device=device, resume=resume)
     _console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after {recipe.train.iters} warm-up iterations"))
     _console().print(f"run folder: {out}")
@@ -54,7 +56,7 @@ def train_warmup_command(out, device, resume, **options) -> None:
 
 @train.command("translator")
 @training_options
-def train_translator_command(out, device, resume, **options) -> None:
+def train_translator_command(out, device, resume, force, **options) -> None:
     """Train the source->target image translator (Stage 0, CycleGAN-style) on --source/--target.
 
     The perceptual term needs a local torchvision VGG state dict: translator.vgg_weights=FILE.
@@ -62,6 +64,7 @@ def train_translator_command(out, device, resume, **options) -> None:
     from diga_fast.stages.translator import train_translator
 
     recipe = resolve_recipe("translator", out=out, resume=resume, **options)
+    check_out_folder(out, "translator", resume, force)
     summary = train_translator(recipe, out, device=device, resume=resume)
     console = _console()
     console.print(f"translator saved: {summary['translator']} ({summary['iters']} iterations, "
@@ -73,7 +76,7 @@ def train_translator_command(out, device, resume, **options) -> None:
 @click.option("--init", "init", type=click.Path(), default=None, help="Warm-up run folder (or student .safetensors) to adapt.")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True, help="Self-training rounds (each relabels with the last student).")
 @training_options
-def train_self_command(init, rounds, out, device, resume, **options) -> None:
+def train_self_command(init, rounds, out, device, resume, force, **options) -> None:
     """DiGA stage 2: threshold-free bilateral-consensus self-training from a warm-up student.
 
     Probability labels and initial centroids are made from --init unless
@@ -83,6 +86,7 @@ def train_self_command(init, rounds, out, device, resume, **options) -> None:
     from diga_fast.stages.self_training import train_self_rounds
 
     recipe = resolve_recipe("self", out=out, resume=resume, **options)
+    check_out_folder(out, "self", resume, force)
     summary = train_self_rounds(recipe, out, init, rounds=rounds, device=device, resume=resume)
     _console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after self-training"))
     _console().print(f"run folder: {out}")

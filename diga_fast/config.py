@@ -357,6 +357,7 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
 
 # Fields that name one of a few behaviours, checked before a run starts.
 CHOICES = {
+    ("data", "label_space"): ("cityscapes19", "synthia16"),
     ("model", "arch"): ARCHS,
     ("train", "source_loss"): ("ce", "ohem"),
     ("translator", "kind"): ("fda", "cyclegan", "folder"),
@@ -366,24 +367,114 @@ CHOICES = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number field (every element of a tuple field; None passes where the field
+    is optional). ``low``/``high`` are bounds, closed unless ``open_low``/``open_high``."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.open_high else value > self.high))
+
+    def __str__(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.open_low else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.open_high else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+
+AT_LEAST_1, AT_LEAST_0, POSITIVE = Range(1), Range(0), Range(0, open_low=True)
+UNIT, UNIT_OPEN_HIGH = Range(0, 1), Range(0, 1, open_high=True)
+SCALE = Range(0, 4, open_low=True)  # inference and rescale factors
+
+RANGES = {
+    ("data", "batch_size"): AT_LEAST_1, ("data", "num_workers"): AT_LEAST_0,
+    ("data", "source_resize"): AT_LEAST_1, ("data", "target_resize"): AT_LEAST_1,
+    ("data", "source_scale"): SCALE, ("data", "target_scale"): SCALE,
+    ("data", "crop"): Range(8), ("data", "eval_scales"): SCALE, ("data", "eval_max_images"): AT_LEAST_1,
+    ("data", "synthetic_train_images"): AT_LEAST_1, ("data", "synthetic_val_images"): AT_LEAST_1,
+    ("model", "dropout"): UNIT_OPEN_HIGH,
+    ("optim", "lr"): POSITIVE, ("optim", "head_lr_mult"): POSITIVE, ("optim", "momentum"): UNIT_OPEN_HIGH,
+    ("optim", "weight_decay"): AT_LEAST_0, ("optim", "poly_power"): AT_LEAST_0,
+    ("train", "iters"): AT_LEAST_1, ("train", "log_every"): AT_LEAST_1, ("train", "eval_every"): AT_LEAST_0,
+    ("train", "save_every"): AT_LEAST_1, ("train", "seed"): Range(0, 2**63 - 1),
+    ("train", "ohem_thresh"): UNIT, ("train", "ohem_min_kept"): AT_LEAST_1,
+    ("warmup", "lambda_distill"): AT_LEAST_0, ("warmup", "reverse_scale"): AT_LEAST_0,
+    ("warmup", "temperature"): POSITIVE, ("warmup", "ema_max"): UNIT_OPEN_HIGH, ("warmup", "visualize_every"): AT_LEAST_0,
+    **{("warmup", "aug", name): UNIT for name in ("jitter_p", "grayscale_p", "blur_p", "sharpness_p", "beta",
+                                                   "brightness", "contrast", "saturation")},
+    ("warmup", "aug", "hue"): Range(0, 0.5), ("warmup", "aug", "blur_sigma"): POSITIVE,
+    ("warmup", "aug", "sharpness"): AT_LEAST_0,
+    ("translator", "fda_beta"): Range(0, 0.5), ("translator", "width"): AT_LEAST_1, ("translator", "n_res"): AT_LEAST_0,
+    ("translator", "crop"): Range(16), ("translator", "source_zoom"): SCALE, ("translator", "target_zoom"): SCALE,
+    ("translator", "lr"): POSITIVE, ("translator", "betas"): UNIT_OPEN_HIGH,
+    **{("translator", name): AT_LEAST_0 for name in ("adv_weight", "cycle_weight", "edge_weight",
+                                                       "perceptual_weight", "identity_weight")},
+    ("self_training", "threshold"): UNIT, ("self_training", "centroid_momentum"): UNIT,
+    ("self_training", "centroid_min_pixels"): AT_LEAST_1, ("self_training", "lambda_distill"): AT_LEAST_0,
+    ("self_training", "reverse_scale"): AT_LEAST_0, ("self_training", "target_beta"): UNIT,
+    ("self_training", "pseudo_label_scales"): SCALE,
+}
+NON_EMPTY = {("data", "eval_scales"), ("self_training", "pseudo_label_scales"), ("translator", "source_zoom"),
+             ("translator", "target_zoom")}
+
+
+def _field(recipe: Recipe, path: tuple[str, ...]) -> Any:
+    value = recipe
+    for name in path:
+        value = getattr(value, name)
+    return value
+
+
 def validate_recipe(recipe: Recipe) -> Recipe:
-    """Raise :class:`DigaError` for a field outside :data:`CHOICES` or a translator geometry the nets
-    cannot take (before any run folder exists)."""
-    for (section, name), allowed in CHOICES.items():
-        value = getattr(getattr(recipe, section), name)
+    """Raise one :class:`DigaError` line for the first field outside its choices (:data:`CHOICES`) or
+    range (:data:`RANGES`), before any run folder exists."""
+    for path, allowed in CHOICES.items():
+        value = _field(recipe, path)
         if value not in allowed:
-            raise DigaError(f"{section}.{name}={value!r}; choose from {', '.join(allowed)}")
-    cfg = recipe.translator
-    if cfg.width < 1 or cfg.n_res < 0:
-        raise DigaError(f"translator.width must be >= 1 and translator.n_res >= 0, got {cfg.width} and {cfg.n_res}")
-    if any(s < 16 or s % 4 for s in cfg.crop):
-        raise DigaError(f"translator.crop must be multiples of 4, at least 16, got {list(cfg.crop)}")
-    for name in ("source_zoom", "target_zoom"):
-        zoom = getattr(cfg, name)
-        if not zoom or any(z <= 0 for z in zoom):
-            raise DigaError(f"translator.{name} must be a non-empty list of positive factors, got {list(zoom)}")
-    if not all(0 <= b < 1 for b in cfg.betas):
-        raise DigaError(f"translator.betas must be two numbers in [0, 1), got {list(cfg.betas)}")
+            raise DigaError(f"{'.'.join(path)}={value!r}; choose from {', '.join(allowed)}")
+    for path, allowed in RANGES.items():
+        value, key = _field(recipe, path), ".".join(path)
+        if value is None:
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        if path in NON_EMPTY and not values:
+            raise DigaError(f"{key} must not be empty")
+        if not all(allowed.admits(v) for v in values):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise DigaError(f"{key}={shown}: {'each value must be' if isinstance(value, tuple) else 'must be'} {allowed}")
+    for key in ("source_scale", "target_scale"):
+        scale = getattr(recipe.data, key)
+        if scale is not None and scale[0] > scale[1]:
+            raise DigaError(f"data.{key}={list(scale)}: the first value (smallest factor) must not exceed the second")
+    if any(s % 4 for s in recipe.translator.crop):
+        raise DigaError(f"translator.crop must be multiples of 4, at least 16, got {list(recipe.translator.crop)}")
+    return recipe
+
+
+# Fields that name files or folders: stored absolute, so a run resumes from any working directory.
+PATH_FIELDS = (("model", "pretrained"), ("translator", "checkpoint"), ("translator", "folder"),
+               ("translator", "vgg_weights"), ("self_training", "pseudo_labels"), ("self_training", "centroids"))
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """Make dataset roots (``KIND:ROOT``) and :data:`PATH_FIELDS` absolute, in place."""
+    for key in ("source", "target"):
+        kind, sep, root = getattr(recipe.data, key).partition(":")
+        if sep and kind != "synthetic":
+            setattr(recipe.data, key, f"{kind}:{Path(root).expanduser().absolute()}")
+    for section, name in PATH_FIELDS:
+        value = getattr(getattr(recipe, section), name)
+        if value:
+            setattr(getattr(recipe, section), name, str(Path(value).expanduser().absolute()))
     return recipe
 
 

@@ -98,6 +98,16 @@ def evaluate_on_target(model: SegmentationModel, recipe: Recipe, label_space: La
     )
 
 
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be an image (its header and, for PNG, its chunk checksums), or None."""
+    try:
+        with Image.open(path) as handle:
+            handle.verify()
+    except Exception as err:  # noqa: BLE001 - any decoder complaint means a bad file
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
+
+
 @torch.no_grad()
 def predict_folder(
     model: SegmentationModel | LogitsFn,
@@ -108,13 +118,21 @@ def predict_folder(
     scales: Sequence[float] = (1.0,),
     overlay: bool = False,
     bf16: bool = False,
-) -> int:
-    """Segment every image under ``images_dir`` (recursively, any size) into ``out_dir``, keeping
-    sub-folders: ``NAME_labelIds.png`` (Cityscapes label ids), ``NAME_color.png`` (palette) and,
-    with ``overlay``, ``NAME_overlay.png``. Returns the number of images."""
+    skip_bad: bool = False,
+) -> tuple[int, list[str]]:
+    """Segment every image under ``images_dir`` (recursively, any size; never ``out_dir`` itself when it
+    lies inside) into ``out_dir``, keeping sub-folders: ``NAME_labelIds.png`` (Cityscapes label ids),
+    ``NAME_color.png`` (palette) and, with ``overlay``, ``NAME_overlay.png``. Every file is checked
+    first: an unreadable one stops before anything is written, or with ``skip_bad`` is left out.
+    Returns (images written, ``"file: why"`` of each skipped one)."""
     from diga_fast.data.datasets import ImageFolder
 
-    dataset = ImageFolder(images_dir)
+    dataset = ImageFolder(images_dir, exclude=out_dir)
+    bad = [(index, f"{sample.image}: {why}") for index, sample in enumerate(dataset.samples)
+           if (why := _unreadable(sample.image)) is not None]
+    if bad and not skip_bad:
+        raise DigaError(f"{len(bad)} of {len(dataset)} images cannot be read (first: {bad[0][1]}); nothing was "
+                        "written (--skip-bad leaves them out)")
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,8 +141,15 @@ def predict_folder(
     to_label_id = label_space.train_id_to_label_id()
     if isinstance(model, torch.nn.Module):
         model.eval()
-    for index in range(len(dataset)):
-        sample = dataset[index]
+    skipped = [why for _, why in bad]
+    for index in sorted(set(range(len(dataset))) - {i for i, _ in bad}):
+        try:
+            sample = dataset[index]
+        except DigaError as err:  # passed the header check, failed to decode
+            if not skip_bad:
+                raise
+            skipped.append(str(err))
+            continue
         image = sample["image"].unsqueeze(0).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             labels = predict_logits(model, image, scales).argmax(1)[0].to(torch.uint8).cpu().numpy()
@@ -136,7 +161,7 @@ def predict_folder(
             rgb = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             blend = (0.5 * rgb + 0.5 * color).round().astype(np.uint8)
             save_png(base.with_name(base.name + "_overlay.png"), blend)
-    return len(dataset)
+    return len(dataset) - len(skipped), skipped
 
 
 _SEQ_FRAME = re.compile(r"(\d{6})_(\d{6})")

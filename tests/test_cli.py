@@ -69,7 +69,7 @@ def test_nan_stops_cleanly_and_resume_is_exact(tmp_path, capsys, monkeypatch, tr
 def test_an_existing_run_is_not_overwritten(capsys, trained_run):
     before = (trained_run / "state.pt").read_bytes()
     code, _, err = run(capsys, "train", "source", "--out", trained_run, "--iters", "2", *TINY)
-    assert_one_line_error(code, err, "already holds a run", "--resume")
+    assert_one_line_error(code, err, "holds a run", "--resume")
     assert (trained_run / "state.pt").read_bytes() == before
 
 

@@ -25,6 +25,7 @@ def source_train_dataset(recipe: Recipe, label_space: LabelSpace, translated: bo
         data.source, role="source", split="train", label_space=label_space, transform=transform,
         synthetic_images=data.synthetic_train_images, seed=recipe.train.seed,
     )
+    check_crop(dataset, data.crop, data.source_resize, data.source_scale, "source")
     if translated and recipe.translator.kind == "folder":
         if not recipe.translator.folder:
             raise DigaError("translator.kind=folder needs translator.folder=DIR (one translated image per source image)")
@@ -37,10 +38,24 @@ def target_train_dataset(recipe: Recipe, label_space: LabelSpace) -> Dataset:
     data = recipe.data
     transform = train_transform(resize=data.target_resize, crop=data.crop, scale=data.target_scale, flip=True,
                                 content_retry=False)
-    return build_dataset(
+    dataset = build_dataset(
         data.target, role="target", split="train", label_space=label_space, transform=transform,
         with_labels=False, synthetic_images=data.synthetic_train_images, seed=recipe.train.seed,
     )
+    check_crop(dataset, data.crop, data.target_resize, data.target_scale, "target")
+    return dataset
+
+
+def check_crop(dataset: Dataset, crop, resize, scale, role: str) -> None:
+    """Refuse a crop that no training image can fill on some side, even at the largest rescale (the
+    crop would be mostly padding; at 4000x4000 the process runs out of memory). The first image
+    stands for the split (the real datasets hold one size each)."""
+    height, width = resize if resize is not None else dataset.read(0)[0].shape[:2]
+    largest = max(scale) if scale is not None else 1.0
+    most = (int(height * largest), int(width * largest))
+    if crop[0] > most[0] or crop[1] > most[1]:
+        raise DigaError(f"data.crop={list(crop)} is larger than any {role} training image can be "
+                        f"({most[0]}x{most[1]} after resize and rescale); choose a crop within that")
 
 
 def target_val_dataset(recipe: Recipe, label_space: LabelSpace) -> Dataset:

@@ -277,14 +277,13 @@ class SegmentationDataset(Dataset):
         size = torch.tensor(image.shape[:2], dtype=torch.int64)
         if self.transform is not None:
             image, label = self.transform(image, label)
-        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
-        item = {
-            "image": torch.from_numpy(chw).float().div_(255.0),
+        item = {  # astype copies: decoded arrays may be read-only, which torch.from_numpy warns about
+            "image": torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32)).div_(255.0),
             "name": self.samples[index].name,
             "size": size,
         }
         if label is not None:
-            item["label"] = torch.from_numpy(np.ascontiguousarray(label)).long()
+            item["label"] = torch.from_numpy(label.astype(np.int64))
         return item
 
     def _check_ids(self, ids: np.ndarray, path: Path, max_id: int, kind: str) -> None:
@@ -312,7 +311,6 @@ class _FlatPairs(SegmentationDataset):
     """``root/<image_dir>/NAME.png`` with labels at ``root/<label_dir>/NAME.png`` (GTA5, SYNTHIA)."""
 
     image_dir = label_dir = ""
-    hint = " (leave such files out with a list file)"
 
     def __init__(self, root, split, label_space, transform, with_labels, list_file, val_every):
         root = Path(root)
@@ -449,12 +447,14 @@ class ImageFolder(SegmentationDataset):
     """Every image (``IMAGE_EXTENSIONS``, any case) under ``root``, recursively, sorted by relative
     path; hidden files and folders (leading ``.``) are skipped. ``root`` may also be one image file.
     Name = the relative path without extension; two files that differ only in extension are an
-    error. Images are converted to RGB uint8 by :func:`to_rgb_uint8`. No labels."""
+    error. Images are converted to RGB uint8 by :func:`to_rgb_uint8`. No labels. ``exclude``: a folder
+    under ``root`` not to read (where predictions of these images are written)."""
 
     kind = "image folder"
 
-    def __init__(self, root, transform=None, label_space: LabelSpace = CITYSCAPES19):
+    def __init__(self, root, transform=None, label_space: LabelSpace = CITYSCAPES19, exclude=None):
         root = Path(root)
+        skip = Path(exclude).resolve() if exclude is not None else None  # e.g. predictions written inside root
         if root.is_file():
             if root.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise DigaError(f"{root} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
@@ -463,6 +463,9 @@ class ImageFolder(SegmentationDataset):
             _require_dir(root, f"image folder {root} does not exist")
             files = []
             for folder, dirs, names in os.walk(root):
+                if skip is not None and Path(folder).resolve() == skip:
+                    dirs[:] = []
+                    continue
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for file in names:
                     extension = os.path.splitext(file)[1].lower()

@@ -26,7 +26,7 @@ from diga_fast.errors import DigaError
 from diga_fast.models import SegmentationModel
 from diga_fast.models.io import load_state_checked, save_weights
 from diga_fast.utils import dist
-from diga_fast.utils.io import atomic_write, write_json
+from diga_fast.utils.io import atomic_write, torch_load_error, write_json
 
 MIN_FREE_BYTES = 64 * 2**20  # a run folder's disk must have this much free before training starts
 
@@ -71,18 +71,25 @@ def _check_free_space(out: Path) -> None:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
+    """``state.pt``: tensors, numbers, strings, lists and dicts only, so that :func:`load_state` can
+    read it with ``weights_only=True`` (no pickled object is ever executed)."""
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path) -> dict[str, Any]:
+    """Read ``state.pt`` with torch's restricted unpickler (``weights_only=True``: tensors and plain
+    containers; no allow-listed classes). A file that needs anything else is refused, unexecuted."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DigaError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise DigaError(f"refusing {path}: not a state file of tensors and plain values ({torch_load_error(err)}); "
+                        "nothing in it was run") from None
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -90,11 +97,11 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
 
 
 def scalar_metrics(summary: dict, prefix: str = "target_val/") -> dict[str, float]:
@@ -198,14 +205,23 @@ class TrainingRun:
         if cfg.eval_every and step % cfg.eval_every == 0:
             self.log(step, **scalar_metrics(evaluate()))
 
-    def finish(self, summary: dict, modules: dict[str, SegmentationModel], optimizer: torch.optim.Optimizer,
-               extras: dict[str, Any] | None = None) -> dict:
-        """The final evaluation's metrics, the last checkpoint, ``eval.json``; returns ``summary``."""
+    def finish(self, modules: dict[str, SegmentationModel], optimizer: torch.optim.Optimizer | None,
+               extras: dict[str, Any] | None, evaluate: Callable[[], dict]) -> dict:
+        """The last checkpoint first, then the final evaluation (its metrics line and ``eval.json``):
+        an evaluation that fails (a bad val image, out of memory at full size) loses no training, and
+        the error says how to evaluate the saved weights later. Returns the evaluation summary."""
         step = self.recipe.train.iters
         if dist.current().enabled:
             self._record_rank_agreement(modules, extras or {})
-        self.log(step, **scalar_metrics(summary))
         self.save(step, modules, optimizer, extras)
+        try:
+            summary = evaluate()
+        except Exception as err:  # noqa: BLE001 - whatever stopped it, the weights are safe
+            self.close()
+            what = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DigaError(f"the final evaluation failed ({what}); the weights of step {step} are saved in "
+                            f"{self.dir}: evaluate them with `diga eval --checkpoint {self.dir}`") from None
+        self.log(step, **scalar_metrics(summary))
         self.write_json("eval.json", summary)
         self.close()
         return summary

@@ -74,7 +74,7 @@ def export_onnx(wrapper: InferenceWrapper, path: str | Path, example: torch.Tens
                 program.save(str(path), external_data=external)
     except Exception as err:  # noqa: BLE001 - exporter failures come in many types
         text = " ".join(str(err).split())[:400]
-        hint = "" if legacy else " (try --legacy)"
+        hint = "" if legacy or isinstance(err, OSError) else " (try --legacy)"
         raise DigaError(f"ONNX export failed{hint}: {type(err).__name__}: {text}") from None
     stored = dict(metadata)
     stored["diga.exporter"] = "torch.onnx legacy (TorchScript-based)" if legacy else "torch.onnx dynamo (torch.export-based)"

@@ -136,6 +136,10 @@ class OnnxSegmenter:
         if [i.name for i in inputs] != ["image"] or len(outputs) != 1 or outputs[0].name not in ("logits", "labels"):
             raise DigaError(f"{self.path}: expected one input 'image' and one output 'logits' or 'labels'")
         self.output_name = outputs[0].name
+        classes = outputs[0].shape[1] if self.output_name == "logits" and len(outputs[0].shape) == 4 else None
+        if isinstance(classes, int) and classes != self.num_classes:
+            raise DigaError(f"{self.path}: its logits have {classes} channels, its metadata says "
+                            f"{self.label_space.name} ({self.num_classes} classes)")
         self.provider = self.session.get_providers()[0]
 
     @property
@@ -158,6 +162,9 @@ class OnnxSegmenter:
         device = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
         array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         out = torch.from_numpy(self.run(array))
+        if not self.returns_labels and out.shape[1] != self.num_classes:  # a graph with a dynamic class axis
+            raise DigaError(f"{self.path}: its logits have {out.shape[1]} channels, its metadata says "
+                            f"{self.label_space.name} ({self.num_classes} classes)")
         if self.returns_labels:
             out = torch.nn.functional.one_hot(out.long(), self.num_classes).permute(0, 3, 1, 2).float()
         return out.to(device)

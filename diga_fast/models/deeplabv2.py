@@ -59,6 +59,7 @@ from torch import nn
 
 from diga_fast.errors import DigaError
 from diga_fast.models.base import SegmentationModel
+from diga_fast.utils.io import torch_load_error
 
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # on the 0..255 scale
 CAFFE_SCALE = 128.0
@@ -250,7 +251,7 @@ def load_backbone_weights(model: DeepLabV2, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle that is no state dict, a text file, a truncated download, ...
-        raise DigaError(f"{path} is not a PyTorch state dict ({type(exc).__name__}: {exc})") from None
+        raise DigaError(f"{path} is not a PyTorch state dict of tensors ({torch_load_error(exc)})") from None
     if not isinstance(state, dict) or not state or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):

@@ -92,9 +92,18 @@ def resolve_weights(run_or_file: str | Path) -> Path:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
+    """The header of a model checkpoint, checked: a known arch, a positive class count, a known label
+    space (so an edited header is one line, not a traceback later)."""
+    from diga_fast.config import ARCHS
+
     metadata = _read_header(path, "diga-fast checkpoint")
     if metadata.get("format") != FORMAT:
         raise DigaError(f"{path} is a safetensors file but not a diga-fast model checkpoint")
+    if metadata.get("arch") not in ARCHS:
+        raise DigaError(f"{path}: its metadata names no known model (arch={metadata.get('arch')!r}; known: {', '.join(ARCHS)})")
+    if not metadata.get("num_classes", "").isdigit() or int(metadata["num_classes"]) < 1:
+        raise DigaError(f"{path}: its metadata has no valid class count (num_classes={metadata.get('num_classes')!r})")
+    get_label_space(metadata.get("label_space", ""))
     return metadata
 
 
@@ -103,7 +112,6 @@ def load_model(run_or_file: str | Path) -> tuple[SegmentationModel, dict[str, st
     path = resolve_weights(run_or_file)
     metadata = read_metadata(path)
     arch, num_classes = metadata["arch"], int(metadata["num_classes"])
-    get_label_space(metadata["label_space"])
     model = build_model(arch, num_classes)
     load_state_checked(model, load_file(str(path)), str(path))
     return model, metadata

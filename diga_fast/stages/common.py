@@ -7,7 +7,7 @@
     for step, lr in stage.steps(description, optimizer):   poly LR, progress bar, kernel backend
         ... the stage's losses; run.check_finite; backward_step
         stage.end_step(step + 1, loss, lr, networks, optimizer, evaluate=student, log=...)
-    return stage.finish(student, networks, optimizer)      evaluate, save, eval.json
+    return stage.finish(student, networks, optimizer)      save, then evaluate, eval.json
 
 Phases of a step are marked with :func:`phase`: a ``torch.profiler.record_function`` range (seen by
 any profiler) that also reports to a timer when ``diga bench train`` installs one
@@ -16,6 +16,8 @@ any profiler) that also reports to a timer when ``diga bench train`` installs on
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +32,9 @@ from diga_fast.data.build import target_val_dataset
 from diga_fast.data.labels import get_label_space
 from diga_fast.data.loader import InfiniteLoader
 from diga_fast.engine.device import resolve_device, seed_everything
+from diga_fast.engine.logging import console
 from diga_fast.engine.optim import build_optimizer, set_poly_lr
-from diga_fast.engine.run import TrainingRun
+from diga_fast.engine.run import TrainingRun, load_state
 from diga_fast.inference import evaluate_on_target
 from diga_fast.kernels import default_backend
 from diga_fast.models import SegmentationModel, build_model
@@ -61,6 +64,23 @@ def timing_phases(timer) -> Iterator[None]:
         yield
     finally:
         _phase_timer = None
+
+
+def resumable(train: Callable[..., dict]) -> Callable[..., dict]:
+    """A stage function ``train(recipe, out, ..., resume=...)`` whose ``--resume`` of a run that
+    finished every step (``eval.json`` written, ``state.pt`` at ``train.iters``) does nothing but say
+    so and return the saved evaluation, instead of evaluating and logging it a second time."""
+
+    @functools.wraps(train)
+    def run_or_report(recipe: Recipe, out: str | Path, *args: Any, resume: bool = False, **kwargs: Any) -> dict:
+        done = Path(out) / "eval.json"
+        if resume and done.is_file() and load_state(Path(out) / "state.pt")["step"] >= recipe.train.iters:
+            console.print(f"{out} already finished its {recipe.train.iters} steps: nothing to resume "
+                          "(pass a larger --iters to train on)")
+            return json.loads(done.read_text())
+        return train(recipe, out, *args, resume=resume, **kwargs)
+
+    return run_or_report
 
 
 class Stage:
@@ -139,8 +159,8 @@ class Stage:
 
     def finish(self, model: SegmentationModel, modules: dict[str, SegmentationModel], optimizer: torch.optim.Optimizer,
                extras: dict[str, Any] | None = None) -> dict:
-        """The final evaluation of ``model``, logged; the last checkpoint; ``eval.json``."""
-        return self.run.finish(self.evaluate(model), modules, optimizer, extras)
+        """The last checkpoint, then the final evaluation of ``model`` (logged, ``eval.json``)."""
+        return self.run.finish(modules, optimizer, extras, evaluate=lambda: self.evaluate(model))
 
     def is_due(self, every: int, done: int) -> bool:
         """Whether rank 0 should do an every-``every``-steps task (e.g. image grids) at step ``done``."""

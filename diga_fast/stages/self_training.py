@@ -41,10 +41,11 @@ from diga_fast.method.pseudo_labels import PseudoLabelled, generate_probability_
 from diga_fast.method.translators import build_translator
 from diga_fast.models import build_model, upsample_to
 from diga_fast.models.io import load_centroids, load_model, save_centroids
-from diga_fast.stages.common import Stage, phase
+from diga_fast.stages.common import Stage, resumable, phase
 from diga_fast.utils import dist
 
 
+@resumable
 def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device: str | None = None,
                resume: bool = False) -> dict:
     """One self-training round from the student in ``init`` (a warm-up or earlier round run)."""
@@ -141,10 +142,9 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
                        log=lambda: {"loss_src": loss_src, "loss_mix": loss_mix, "loss_dist": loss_dist,
                                     **label_quality(consensus, target["label"].to(device), prob=y_prob, feat=y_feat)})
 
-    summary = stage.evaluate(student)
     if run.is_main:
         save_centroids(run.dir / "centroids.pt", centroids)
-    return run.finish(summary, networks, optimizer, stage_state())
+    return stage.finish(student, networks, optimizer, stage_state())
 
 
 def load_init(init: str | Path | None, recipe: Recipe, num_classes: int):

@@ -10,16 +10,17 @@ from diga_fast.data.build import source_train_dataset
 from diga_fast.engine.device import autocast, training_forward
 from diga_fast.engine.optim import backward_step
 from diga_fast.method.losses import source_cross_entropy
-from diga_fast.stages.common import Stage
+from diga_fast.stages.common import Stage, resumable
 
 
+@resumable
 def train_source(recipe: Recipe, out: str | Path, device: str | None = None, resume: bool = False) -> dict:
     """Train ``recipe.model`` on ``recipe.data.source`` with CE; evaluate on the target's val split.
     Returns the final evaluation summary (also written to ``eval.json`` in the run folder)."""
     stage = Stage(recipe, out, device, resume)
     train_set = source_train_dataset(recipe, stage.label_space)
+    model = stage.segmentation_model()  # a bad --pretrained stops here, before the run folder exists
     run = stage.open_run()
-    model = stage.segmentation_model()
     optimizer = stage.optimizer(model)
     networks = {"model": model}
     stage.restore(networks, optimizer)

@@ -29,17 +29,18 @@ from diga_fast.method.losses import cross_view_distillation, source_cross_entrop
 from diga_fast.method.mixing import crdomix
 from diga_fast.method.translators import build_translator
 from diga_fast.models import upsample_to
-from diga_fast.stages.common import Stage
+from diga_fast.stages.common import Stage, resumable
 
 
+@resumable
 def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, resume: bool = False) -> dict:
     """Run the warm-up; returns the student's target-val summary (also in ``eval.json``)."""
     cfg = recipe.warmup
     stage = Stage(recipe, out, device, resume)
     source_set = source_train_dataset(recipe, stage.label_space, translated=cfg.crdomix)
     target_set = target_train_dataset(recipe, stage.label_space)
+    student = stage.segmentation_model()  # a bad --pretrained stops here, before the run folder exists
     run = stage.open_run()
-    student = stage.segmentation_model()
     teacher = make_teacher(student)
     optimizer = stage.optimizer(student)
     networks = {"student": student, "teacher": teacher}

@@ -27,15 +27,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp (and writers that replace the file) leave 0600
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def torch_load_error(err: BaseException) -> str:
+    """The telling line of a failed ``torch.load(..., weights_only=True)`` (not torch's advice to
+    turn the safety off)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):  # the reason follows torch's advice
+        telling = [line for line in lines[1:] if line.startswith(("Unsupported", "Trying to", "invalid"))]
+        return telling[0] if telling else "not a file of tensors and plain values"
+    return lines[0] if lines else type(err).__name__
 
 
 def write_json(path: Path, data: Any) -> None:
