@@ -106,3 +106,25 @@ def train_command(preset, steps, warmup, setups, device, csv_path, overrides) ->
                   device=device, overrides=overrides)
     except OSError as err:
         raise click.ClickException(f"cannot write {err.filename}: {err.strerror}") from None
+
+
+@bench.command("compile")
+@click.option(
+    "--csv", "csv_path", type=click.Path(dir_okay=False), default="benchmarks/results/compile.csv",
+    show_default=True, help="CSV to append the result rows to ('' for none).",
+)
+@click.option("--target", "targets", multiple=True, type=click.Choice(["sm_90a", "sm_80"]),
+              help="GPU to compile for (repeatable) [default: both].")
+@click.option("--op", "ops", multiple=True, type=click.Choice(KERNEL_OPS), help="Op to compile (repeatable) [default: all].")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Input dtype (repeatable) [default: all three].")
+def compile_command(csv_path: str, targets: tuple[str, ...], ops: tuple[str, ...], dtypes: tuple[str, ...]) -> None:
+    """Compile every kernel at the bench shapes for sm_90a / sm_80 on this machine (no GPU needed):
+    registers, spills, shared memory, programs per SM, access widths, tensor-core family, barriers."""
+    from diga_fast.benchmarks import compile_report
+
+    argv = ["--csv", csv_path]
+    argv += [f"--target={t}" for t in targets] + [f"--op={o}" for o in ops] + [f"--dtype={d}" for d in dtypes]
+    code = compile_report.main(argv)
+    if code:
+        raise click.ClickException(f"the compile report failed (exit code {code})")

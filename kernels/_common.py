@@ -58,16 +58,32 @@ def pixels_contiguous(t: torch.Tensor) -> bool:
     return (w == 1 or t.stride(-1) == 1) and (h == 1 or t.stride(-2) == w)
 
 
+MAX_TRITON_CLASSES = 64
+
+
 def check_k(k: int) -> None:
-    if not 1 <= k <= 64:
-        raise ValueError(f"the kernels support 1 to 64 classes, got {k}")
+    """The Triton kernels hold all classes of a pixel block in registers: 1 to 64 classes. Called on
+    the Triton path only; the PyTorch references take any number of classes."""
+    if not 1 <= k <= MAX_TRITON_CLASSES:
+        raise ValueError(
+            f"the Triton kernels support 1 to {MAX_TRITON_CLASSES} classes, got {k} "
+            "(backend='torch' takes any number)"
+        )
+
+
+def check_pixels(h: int, w: int) -> None:
+    """Flat pixel indices (h * W + w) are int32 inside the kernels; element offsets are int64."""
+    if h * w >= 2**31:
+        raise ValueError(f"the Triton kernels support fewer than 2**31 pixels per image, got {h}x{w}")
 
 
 @triton.jit
 def pixel_offsets(offs_p, W, stride_h, stride_w, CONTIGUOUS: tl.constexpr):
-    """Element offsets of flat pixel indices ``offs_p`` (h * W + w) in a tensor with the given
-    h/w strides; a flat index itself when the pixels are contiguous."""
+    """Element offsets of flat pixel indices ``offs_p`` (h * W + w, int32) in a tensor with the given
+    h/w strides; a flat index itself when the pixels are contiguous (then < H·W < 2**31). Strided
+    offsets are int64: h · stride_h passes 2**31 in a channels_last or sliced view long before the
+    flat index does."""
     if CONTIGUOUS:
         return offs_p
     else:
-        return (offs_p // W) * stride_h + (offs_p % W) * stride_w
+        return (offs_p // W).to(tl.int64) * stride_h + (offs_p % W).to(tl.int64) * stride_w

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_k, interpreting, pixel_offsets, pixels_contiguous, resolve_backend
+from ._common import check_k, check_pixels, interpreting, pixel_offsets, pixels_contiguous, resolve_backend
 
 METRICS = ("cosine", "l2")
 NORMALIZE_EPS = 1e-12  # F.normalize's default
@@ -61,7 +61,7 @@ def _prepare_centroids_kernel(
     sums in (numpy's BLAS in the interpreter does not sum identical rows identically)."""
     k = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
-    row = cent_ptr + k * stride_k
+    row = cent_ptr + k.to(tl.int64) * stride_k
     sq = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     for c0 in range(0, C, BLOCK_C):
         x = tl.load(row + (c0 + offs) * stride_c, mask=c0 + offs < C, other=0.0).to(ACC_DTYPE)
@@ -82,7 +82,7 @@ def _prepare_centroids_kernel(
         m = c0 + offs < C
         x = tl.load(row + (c0 + offs) * stride_c, mask=m, other=0.0)
         y = tl.load(
-            cent_ptr + offs_j[:, None] * stride_k + (c0 + offs)[None, :] * stride_c,
+            cent_ptr + offs_j.to(tl.int64)[:, None] * stride_k + (c0 + offs)[None, :] * stride_c,
             mask=(offs_j < k)[:, None] & m[None, :], other=0.0,
         )
         differ += tl.sum((x[None, :] != y).to(tl.int32), axis=1)
@@ -108,7 +108,8 @@ def _assign_centroids_kernel(
     mask_k = offs_k < K
     offs_c = tl.arange(0, BLOCK_C)
 
-    f_ptrs = feat_ptr + b.to(tl.int64) * stride_fb + offs_c[:, None] * stride_fc + pix[None, :]
+    f_ptrs = feat_ptr + b.to(tl.int64) * stride_fb + offs_c.to(tl.int64)[:, None] * stride_fc + pix[None, :]
+    f_step = tl.full([], BLOCK_C, tl.int64) * stride_fc  # int64 even when stride_fc is a constexpr 1
     c_ptrs = cent_ptr + offs_k[:, None] * C + offs_c[None, :]
     dots = tl.zeros([K_PAD, BLOCK_P], dtype=ACC_DTYPE)
     sq = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
@@ -118,7 +119,7 @@ def _assign_centroids_kernel(
         cen = tl.load(c_ptrs, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
         dots = tl.dot(cen, f, dots, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         sq += tl.sum(f * f, axis=0)
-        f_ptrs += BLOCK_C * stride_fc
+        f_ptrs += f_step
         c_ptrs += BLOCK_C
 
     candidate = mask_k & (tl.load(duplicate_ptr + offs_k, mask=mask_k, other=1) == 0)
@@ -169,7 +170,6 @@ def _check(features: torch.Tensor, centroids: torch.Tensor, metric: str) -> None
         )
     if not features.is_floating_point() or not centroids.is_floating_point():
         raise ValueError("features and centroids must be floating point")
-    check_k(centroids.shape[0])
 
 
 def assign_centroids(
@@ -183,6 +183,8 @@ def assign_centroids(
 
     B, C, H, W = features.shape
     K = centroids.shape[0]
+    check_k(K)
+    check_pixels(H, W)
     acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     ACC_DTYPE = tl.float64 if acc_dtype == torch.float64 else tl.float32
     K_PAD = max(16, triton.next_power_of_2(K))

@@ -6,22 +6,30 @@ Byte-traffic model (``traffic_bytes``; s = bytes per feature element, s_l per la
     read   v·B·C·H·W·s      features of pixels with a label in [0, K) (the others are never loaded)
          + B·H·W·s_l        labels (re-read once per channel block, from L2)
     write  B·K·C·4 + B·K·8  sums (fp32) and counts (int64)
-with v the fraction of labelled pixels. The eager version materialises a one-hot [B, H·W, K] in the
-feature dtype and contracts it with the features (an einsum), or loops over classes with a mask
-multiply per class (the official code): K passes over the features.
+with v the fraction of labelled pixels. The per-span partials add S·B·K·C·4 written and read once
+more (S spans per image, ``span_count``): a few per cent of the feature bytes at the bench shapes.
+The eager version materialises a one-hot [B, H·W, K] in the feature dtype and contracts it with the
+features (an einsum), or loops over classes with a mask multiply per class (the official code): K
+passes over the features.
 
-Kernel: grid (pixel chunk, channel block, image). A program walks its chunk of pixels in BLOCK_P
-tiles; per tile it builds the [K_PAD, BLOCK_P] one-hot of the labels in registers, loads the
-[BLOCK_C, BLOCK_P] feature tile (pixel dimension contiguous in NCHW) and accumulates
-one-hot · featuresᵀ into a [K_PAD, BLOCK_C] register accumulator with ``tl.dot`` (tf32x3 for fp32:
-the one-hot is exact in tf32, the three-product split keeps the features at fp32 accuracy). Only at
-the end does it issue one atomic add per (class, channel) — and the chunk count is chosen to give a
-few programs per SM, so each output address sees a handful of atomics, never one per pixel. The
-channel-block-0 programs also add the per-class pixel counts (int64 atomics). fp32 atomics make the
-summation order vary run to run at the level of fp32 rounding; fp64 features accumulate in fp64.
+Kernels. ``_class_feature_sums_partial_kernel``: grid (pixel span, channel block, image). A program
+walks its span of pixels in BLOCK_P tiles; per tile it builds the [K_PAD, BLOCK_P] one-hot of the
+labels in registers, loads the [BLOCK_C, BLOCK_P] feature tile (pixel dimension contiguous in NCHW)
+and accumulates one-hot · featuresᵀ into a [K_PAD, BLOCK_C] accumulator with ``tl.dot``: fp16/bf16
+features go to the tensor cores in their own dtype (the one-hot is exact in it, products are exact,
+sums fp32), fp32 ones with tf32x3 (the three-product split keeps them at fp32 accuracy). Pixel
+counts accumulate element-wise in a [K_PAD, BLOCK_P] int32 tile, reduced once at the end. Each
+program writes its span's partial sums (and, channel block 0, counts) to a scratch buffer;
+``_class_feature_sums_reduce_kernel`` adds the spans of each (image, channel block) in span order.
+
+Deterministic: no atomics, and the summation order depends only on the shape (the span length is a
+function of B, C, H, W, never of the GPU's SM count, BLOCK_C, warps or stages), so two runs, two
+cards or two launch configurations give the same bits. fp64 features accumulate in fp64.
 The feature loads are masked by the labels, so unlabelled pixels cost no feature bytes (and NaN
-features there cannot leak into the sums). BLOCK_P = 64, BLOCK_C = 64, 8 warps: 150 registers and
-25 KB of shared memory for fp32 features on sm_90.
+features there cannot leak into the sums). Labels are range-checked in their own dtype before any
+narrowing (an int64 label 2**32 + 3 is out of range, not class 3); offsets are int64.
+BLOCK_P = 64, BLOCK_C = 64, 8 warps (sm_90a, Triton 3.7.1, ``diga bench compile``): fp32 189 registers,
+41 KB shared memory, one program per SM; fp16/bf16 119 registers, 9 KB, two programs per SM; no spills.
 """
 
 import torch
@@ -29,60 +37,109 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_k, pixel_offsets, pixels_contiguous, resolve_backend
+from ._common import (
+    check_k,
+    check_pixels,
+    interpreting,
+    pixel_offsets,
+    pixels_contiguous,
+    resolve_backend,
+)
+
+BLOCK_P = 64  # pixels per tile: part of the summation order, so fixed (not tuned)
+# Spans are sized for about this many (span, 64-channel block, image) programs: a constant, not the
+# SM count, so that the result does not depend on the card. The interpreter wants few programs.
+TARGET_PROGRAMS = 1024
+INTERPRETER_TARGET_PROGRAMS = 4
+MIN_SPAN_TILES = 4
+
+
+def span_count(B: int, C: int, H: int, W: int) -> tuple[int, int]:
+    """(tiles per span, spans per image): a function of the shape only (see the module docstring)."""
+    n_tiles = triton.cdiv(H * W, BLOCK_P)
+    target = INTERPRETER_TARGET_PROGRAMS if interpreting() else TARGET_PROGRAMS
+    spans_wanted = max(1, triton.cdiv(target, B * triton.cdiv(C, 64)))
+    tiles_per_span = max(min(MIN_SPAN_TILES, n_tiles), triton.cdiv(n_tiles, spans_wanted))
+    return tiles_per_span, triton.cdiv(n_tiles, tiles_per_span)
 
 
 def traffic_bytes(
     B: int, C: int, H: int, W: int, K: int, feature_bytes: int = 4, label_bytes: int = 8,
     valid_fraction: float = 1.0,
 ) -> int:
-    """Bytes read + written by one call (see the module docstring)."""
+    """Bytes read + written by one call (see the module docstring; without the span partials)."""
     return int(valid_fraction * B * C * H * W * feature_bytes + B * H * W * label_bytes + B * K * (C * 4 + 8))
 
 
 @triton.jit
-def _class_feature_sums_kernel(
-    feat_ptr, labels_ptr, sums_ptr, counts_ptr,
-    C, K, HW, W, ignore_index, tiles_per_program,
+def _class_feature_sums_partial_kernel(
+    feat_ptr, labels_ptr, part_sums_ptr, part_counts_ptr,
+    C, K, HW, W, ignore_index, tiles_per_span, n_spans, spans_per_program,
     stride_fb, stride_fc, stride_fh, stride_fw, stride_lb, stride_lh, stride_lw,
     FEAT_CONTIGUOUS: tl.constexpr, LABELS_CONTIGUOUS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_chunk = tl.program_id(0)
+    pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_k = tl.arange(0, K_PAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     arange_p = tl.arange(0, BLOCK_P)
-
-    acc = tl.zeros([K_PAD, BLOCK_C], dtype=ACC_DTYPE)
-    count = tl.zeros([K_PAD], dtype=tl.int32)
-    first_p = pid_chunk * tiles_per_program * BLOCK_P
-    for t in range(0, tiles_per_program):
-        offs_p = first_p + t * BLOCK_P + arange_p
-        mask_p = offs_p < HW
-        label = tl.load(
-            labels_ptr + b * stride_lb + pixel_offsets(offs_p, W, stride_lh, stride_lw, LABELS_CONTIGUOUS),
-            mask=mask_p, other=0,
-        ).to(tl.int32)
-        valid = mask_p & (label >= 0) & (label < K) & (label != ignore_index)
-        onehot = (offs_k[:, None] == label[None, :]) & valid[None, :]
-        pix = pixel_offsets(offs_p, W, stride_fh, stride_fw, FEAT_CONTIGUOUS)
-        f = tl.load(
-            feat_ptr + b * stride_fb + offs_c[:, None] * stride_fc + pix[None, :],
-            mask=mask_c[:, None] & valid[None, :], other=0.0,
-        ).to(ACC_DTYPE)
-        acc = tl.dot(
-            onehot.to(ACC_DTYPE), tl.trans(f), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
-        )
-        count += tl.sum(onehot.to(tl.int32), axis=1)
+    f_rows = feat_ptr + b * stride_fb + offs_c.to(tl.int64)[:, None] * stride_fc
+    l_base = labels_ptr + b * stride_lb
 
     mask_k = offs_k < K
-    s_ptrs = sums_ptr + (b * K + offs_k[:, None]) * C + offs_c[None, :]
-    tl.atomic_add(s_ptrs, acc, mask=mask_k[:, None] & mask_c[None, :], sem="relaxed")
-    tl.atomic_add(counts_ptr + b * K + offs_k, count.to(tl.int64), mask=mask_k & (pid_c == 0), sem="relaxed")
+    # One partial per span, whichever program computes it: the grid never changes the sums.
+    for i in range(spans_per_program):
+        s = pid_s * spans_per_program + i
+        acc = tl.zeros([K_PAD, BLOCK_C], dtype=ACC_DTYPE)
+        count = tl.zeros([K_PAD, BLOCK_P], dtype=tl.int32)
+        for t in range(tiles_per_span):
+            offs_p = (s * tiles_per_span + t) * BLOCK_P + arange_p
+            mask_p = offs_p < HW
+            label = tl.load(l_base + pixel_offsets(offs_p, W, stride_lh, stride_lw, LABELS_CONTIGUOUS),
+                            mask=mask_p, other=0)
+            valid = mask_p & (label >= 0) & (label < K) & (label != ignore_index)  # in the labels' dtype
+            onehot = (offs_k[:, None] == label.to(tl.int32)[None, :]) & valid[None, :]
+            pix = pixel_offsets(offs_p, W, stride_fh, stride_fw, FEAT_CONTIGUOUS)
+            f = tl.load(f_rows + pix[None, :], mask=mask_c[:, None] & valid[None, :], other=0.0)
+            acc = tl.dot(
+                onehot.to(DOT_DTYPE), tl.trans(f.to(DOT_DTYPE)), acc,
+                input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE,
+            )
+            count += onehot.to(tl.int32)
+        span = b * n_spans + s
+        in_range = s < n_spans
+        s_ptrs = part_sums_ptr + (span * K + offs_k[:, None]) * C + offs_c[None, :]
+        tl.store(s_ptrs, acc, mask=mask_k[:, None] & mask_c[None, :] & in_range)
+        tl.store(part_counts_ptr + span * K + offs_k, tl.sum(count, axis=1),
+                 mask=mask_k & (pid_c == 0) & in_range)
+
+
+@triton.jit
+def _class_feature_sums_reduce_kernel(
+    part_sums_ptr, part_counts_ptr, sums_ptr, counts_ptr, C, K, n_spans,
+    ACC_DTYPE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Sum the spans of one (image, channel block) in span order: a fixed order, no atomics."""
+    pid_c = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_k = tl.arange(0, K_PAD)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_k = offs_k < K
+    mask = mask_k[:, None] & (offs_c < C)[None, :]
+    tile = (offs_k[:, None] * C + offs_c[None, :]).to(tl.int64)
+    acc = tl.zeros([K_PAD, BLOCK_C], dtype=ACC_DTYPE)
+    for s in range(n_spans):
+        acc += tl.load(part_sums_ptr + (b * n_spans + s) * K * C + tile, mask=mask, other=0.0)
+    tl.store(sums_ptr + b * K * C + tile, acc, mask=mask)
+    if pid_c == 0:
+        count = tl.zeros([K_PAD], dtype=tl.int64)
+        for s in range(n_spans):
+            count += tl.load(part_counts_ptr + (b * n_spans + s) * K + offs_k, mask=mask_k, other=0)
+        tl.store(counts_ptr + b * K + offs_k, count, mask=mask_k)
 
 
 def class_feature_sums_ref(
@@ -97,12 +154,62 @@ def class_feature_sums_ref(
     return sums, onehot.sum(dim=1)
 
 
+def _class_feature_sums_triton(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int, block_c: int = 64,
+    spans_per_program: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two launches. ``spans_per_program`` changes the grid, never the result; so does
+    ``block_c`` (channels per program) on a GPU, where a product's rounding does not depend on the
+    matrix shape (the interpreter's numpy matmul is not shape-invariant)."""
+    B, C, H, W = features.shape
+    K = num_classes
+    acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    device = features.device
+    if labels.dtype == torch.bool:
+        labels = labels.to(torch.uint8)
+    if features.dtype == torch.float64:
+        dot_dtype, precision = tl.float64, "ieee"
+    elif features.dtype in (torch.float16, torch.bfloat16) and not interpreting():
+        # exact: the one-hot is exact in fp16/bf16, so every product is, and the sums are fp32
+        dot_dtype, precision = (tl.float16 if features.dtype == torch.float16 else tl.bfloat16), "ieee"
+    else:  # fp32 (and, interpreted, 16-bit features upcast exactly: the interpreter's bf16 dot is wrong)
+        dot_dtype, precision = tl.float32, "tf32x3"
+    k_pad = max(16, triton.next_power_of_2(K))
+    tiles_per_span, n_spans = span_count(B, C, H, W)
+    part_sums = torch.empty((B, n_spans, K, C), dtype=acc_dtype, device=device)
+    part_counts = torch.empty((B, n_spans, K), dtype=torch.int32, device=device)
+    grid = (triton.cdiv(n_spans, spans_per_program), triton.cdiv(C, block_c), B)
+    _class_feature_sums_partial_kernel[grid](
+        features, labels, part_sums, part_counts,
+        C, K, H * W, W, int(ignore_index), tiles_per_span, n_spans, spans_per_program,
+        *features.stride(), *labels.stride(),
+        FEAT_CONTIGUOUS=pixels_contiguous(features),
+        LABELS_CONTIGUOUS=pixels_contiguous(labels),
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        DOT_DTYPE=dot_dtype,
+        DOT_PRECISION=precision,
+        K_PAD=k_pad,
+        BLOCK_C=block_c,
+        BLOCK_P=BLOCK_P,
+        num_warps=8,
+        num_stages=3,
+    )
+    sums = torch.empty((B, K, C), dtype=acc_dtype, device=device)
+    counts = torch.empty((B, K), dtype=torch.int64, device=device)
+    _class_feature_sums_reduce_kernel[(triton.cdiv(C, 64), B)](
+        part_sums, part_counts, sums, counts, C, K, n_spans,
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32, K_PAD=k_pad, BLOCK_C=64,
+        num_warps=4,
+    )
+    return sums, counts
+
+
 def class_feature_sums(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sums [B, K, C] (float32; float64 for float64 features) of the features of the pixels labelled
-    k, and counts int64 [B, K]; labels outside [0, K) and ignore_index are skipped."""
+    k, and counts int64 [B, K]; labels outside [0, K) and ignore_index are skipped. Deterministic."""
     if features.dim() != 4 or labels.shape != (features.shape[0], *features.shape[2:]):
         raise ValueError(
             f"expected features [B, C, H, W] and labels [B, H, W], got {tuple(features.shape)} and "
@@ -110,41 +217,12 @@ def class_feature_sums(
         )
     if not features.is_floating_point() or labels.is_floating_point():
         raise ValueError("features must be floating point and labels integer")
-    check_k(num_classes)
     if resolve_backend(backend, features) == "torch":
         return class_feature_sums_ref(features, labels, num_classes, ignore_index)
-
+    check_k(num_classes)
     B, C, H, W = features.shape
-    acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    sums = torch.zeros((B, num_classes, C), dtype=acc_dtype, device=features.device)
-    counts = torch.zeros((B, num_classes), dtype=torch.int64, device=features.device)
-    if features.numel() == 0:
-        return sums, counts
-    if labels.dtype == torch.bool:
-        labels = labels.to(torch.uint8)
-
-    BLOCK_C, BLOCK_P = 64, 64
-    n_tiles = triton.cdiv(H * W, BLOCK_P)
-    n_cblocks = triton.cdiv(C, BLOCK_C)
-    if features.is_cuda:
-        target_programs = 4 * torch.cuda.get_device_properties(features.device).multi_processor_count
-    else:  # the interpreter: few, large programs (still more than one chunk, to exercise the atomics)
-        target_programs = 4
-    chunks = max(1, min(n_tiles, triton.cdiv(target_programs, B * n_cblocks)))
-    tiles_per_program = triton.cdiv(n_tiles, chunks)
-    grid = (triton.cdiv(n_tiles, tiles_per_program), n_cblocks, B)
-    _class_feature_sums_kernel[grid](
-        features, labels, sums, counts,
-        C, num_classes, H * W, W, int(ignore_index), tiles_per_program,
-        *features.stride(), *labels.stride(),
-        FEAT_CONTIGUOUS=pixels_contiguous(features),
-        LABELS_CONTIGUOUS=pixels_contiguous(labels),
-        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        DOT_PRECISION="ieee" if acc_dtype == torch.float64 else "tf32x3",
-        K_PAD=max(16, triton.next_power_of_2(num_classes)),
-        BLOCK_C=BLOCK_C,
-        BLOCK_P=BLOCK_P,
-        num_warps=8,
-        num_stages=3,
-    )
-    return sums, counts
+    check_pixels(H, W)
+    if B * H * W == 0 or C == 0:
+        sums, counts = class_feature_sums_ref(features, labels, num_classes, ignore_index)
+        return sums.to(features.device), counts.to(features.device)
+    return _class_feature_sums_triton(features, labels, num_classes, ignore_index)

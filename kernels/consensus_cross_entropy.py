@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_k, interpreting, pixel_offsets, pixels_contiguous, resolve_backend
+from ._common import check_k, check_pixels, interpreting, pixel_offsets, pixels_contiguous, resolve_backend
 
 
 def traffic_bytes(
@@ -48,6 +48,13 @@ def traffic_bytes(
     return int(fwd + (bwd if backward else 0))
 
 
+def minimum_traffic_bytes(B: int, K: int, H: int, W: int, logit_bytes: int = 4, label_bytes: int = 8) -> int:
+    """What any forward + backward must move: logits read once, both label maps read once, the
+    gradient written once. The bench reports bandwidth against this, so the backward's re-read
+    counts as a cost, not as useful bytes."""
+    return B * K * H * W * logit_bytes * 2 + 2 * B * H * W * label_bytes
+
+
 @triton.jit
 def _load_consensus_tile(
     logits_ptr, prob_ptr, feat_ptr, b, offs_p, offs_k, K, HW, W, ignore_index,
@@ -56,22 +63,24 @@ def _load_consensus_tile(
     LOGITS_CONTIGUOUS: tl.constexpr, PROB_CONTIGUOUS: tl.constexpr, FEAT_CONTIGUOUS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """Labels of a pixel block, its validity mask, and the logits tile of its valid pixels."""
+    """Labels of a pixel block (int32), its validity mask, and the logits tile of its valid pixels.
+    The range check runs in the labels' own dtype: an int64 label 2**32 + 3 is invalid, not class 3."""
     mask_p = offs_p < HW
     mask_k = offs_k < K
     b64 = b.to(tl.int64)
     prob = tl.load(
         prob_ptr + b64 * stride_pb + pixel_offsets(offs_p, W, stride_ph, stride_pw, PROB_CONTIGUOUS),
         mask=mask_p, other=0,
-    ).to(tl.int32)
+    )
     feat = tl.load(
         feat_ptr + b64 * stride_qb + pixel_offsets(offs_p, W, stride_qh, stride_qw, FEAT_CONTIGUOUS),
         mask=mask_p, other=0,
-    ).to(tl.int32)
+    )
     valid = mask_p & (prob == feat) & (prob != ignore_index) & (prob >= 0) & (prob < K)
+    prob = prob.to(tl.int32)
     pix = pixel_offsets(offs_p, W, stride_lh, stride_lw, LOGITS_CONTIGUOUS)
     x = tl.load(
-        logits_ptr + b64 * stride_lb + offs_k[:, None] * stride_lk + pix[None, :],
+        logits_ptr + b64 * stride_lb + offs_k.to(tl.int64)[:, None] * stride_lk + pix[None, :],
         mask=mask_k[:, None] & valid[None, :], other=0.0,
     ).to(ACC_DTYPE)
     return prob, valid, x
@@ -154,7 +163,7 @@ def _consensus_ce_bwd_kernel(
     grad = tl.where(valid[None, :], (softmax - onehot) * scale, 0.0)
 
     pix = pixel_offsets(offs_p, W, stride_gh, stride_gw, GRAD_CONTIGUOUS)
-    g_ptrs = grad_ptr + b.to(tl.int64) * stride_gb + offs_k[:, None] * stride_gk + pix[None, :]
+    g_ptrs = grad_ptr + b.to(tl.int64) * stride_gb + offs_k.to(tl.int64)[:, None] * stride_gk + pix[None, :]
     tl.store(g_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=real_k & (offs_p < HW)[None, :])
 
 
@@ -250,6 +259,7 @@ def consensus_cross_entropy(
     if resolve_backend(backend, logits) == "torch":
         return consensus_cross_entropy_ref(logits, prob_labels, feat_labels, ignore_index)
     check_k(logits.shape[1])
+    check_pixels(*logits.shape[-2:])
     if prob_labels.dtype == torch.bool:
         prob_labels = prob_labels.to(torch.uint8)
     if feat_labels.dtype == torch.bool:

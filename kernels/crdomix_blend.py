@@ -1,5 +1,6 @@
 """CrDoMix / ClassMix blending: per pixel, keep the source image where the pixel's label is one of the
 image's selected values, else take the translated image. Mask building and blending in one pass.
+Labels outside 0..255 (any integer dtype; range-checked before narrowing) select nothing.
 
 Byte-traffic model (``traffic_bytes``; s = bytes per image element, s_l per label):
     read   B·H·W·s_l          labels
@@ -14,14 +15,23 @@ Kernel: one program per (block of BLOCK_P pixels, image) loads the labels, gathe
 selected[b, label] from the 256-entry table, and for each channel loads source with mask
 ``keep`` and translated with mask ``~keep``: masked-off lanes issue no memory transactions, so with
 spatially coherent class regions each pixel's bytes are fetched from one image only. The output
-stores are 16-byte vectors; the masked loads are scalar but coalesced. BLOCK_P = 1024, 4 warps.
+stores are 16-byte vectors; the masked loads are scalar but coalesced. C is a constexpr and the
+channel loop is unrolled (``tl.static_range``), so a thread's loads of all channels are in flight
+together. uint8 labels are read as they are (an eighth of int64's label bytes).
+BLOCK_P and warps are autotuned on a GPU (one config, 4096 pixels, under the interpreter).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, pixel_offsets, pixels_contiguous, resolve_backend
+from ._common import (
+    check_pixels,
+    interpreting,
+    pixel_offsets,
+    pixels_contiguous,
+    resolve_backend,
+)
 
 NUM_VALUES = 256
 
@@ -31,10 +41,19 @@ def traffic_bytes(B: int, C: int, H: int, W: int, image_bytes: int = 4, label_by
     return B * H * W * label_bytes + 2 * B * C * H * W * image_bytes + B * NUM_VALUES
 
 
+def _configs():
+    """Pixels per program and warps: a list to tune on a GPU, one config for the interpreter (which
+    cannot autotune and wants few, large programs)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_P": 4096}, num_warps=4)]
+    return [triton.Config({"BLOCK_P": p}, num_warps=w) for p, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
+
+
+@triton.autotune(configs=_configs(), key=["HW", "C"])
 @triton.jit
 def _crdomix_blend_kernel(
     src_ptr, trans_ptr, labels_ptr, selected_ptr, out_ptr,
-    C, HW, W,
+    C: tl.constexpr, HW, W,
     stride_sb, stride_sc, stride_sh, stride_sw,
     stride_tb, stride_tc, stride_th, stride_tw,
     stride_lb, stride_lh, stride_lw, stride_selb, stride_selv,
@@ -49,30 +68,29 @@ def _crdomix_blend_kernel(
     label = tl.load(
         labels_ptr + b * stride_lb + pixel_offsets(offs_p, W, stride_lh, stride_lw, LABELS_CONTIGUOUS),
         mask=mask_p, other=0,
-    ).to(tl.int32)
-    in_table = mask_p & (label >= 0) & (label < NUM_VALUES)
-    keep = tl.load(selected_ptr + b * stride_selb + label * stride_selv, mask=in_table, other=0) != 0
+    )
+    in_table = mask_p & (label >= 0) & (label < NUM_VALUES)  # in the labels' own dtype
+    keep = tl.load(selected_ptr + b * stride_selb + label.to(tl.int32) * stride_selv, mask=in_table, other=0) != 0
     take_src = mask_p & keep
     take_trans = mask_p & (keep == 0)
 
     src_ptrs = src_ptr + b * stride_sb + pixel_offsets(offs_p, W, stride_sh, stride_sw, SRC_CONTIGUOUS)
     trans_ptrs = trans_ptr + b * stride_tb + pixel_offsets(offs_p, W, stride_th, stride_tw, TRANS_CONTIGUOUS)
     out_ptrs = out_ptr + b * C * HW + offs_p
-    for _ in range(0, C):
-        s = tl.load(src_ptrs, mask=take_src, other=0.0)
-        t = tl.load(trans_ptrs, mask=take_trans, other=0.0)
-        mixed = tl.where(keep, s, t.to(s.dtype))
-        tl.store(out_ptrs, mixed, mask=mask_p)
-        src_ptrs += stride_sc
-        trans_ptrs += stride_tc
-        out_ptrs += HW
+    for c in tl.static_range(C):  # unrolled: the loads of all channels are issued together
+        s = tl.load(src_ptrs + c * stride_sc, mask=take_src, other=0.0)
+        t = tl.load(trans_ptrs + c * stride_tc, mask=take_trans, other=0.0)
+        tl.store(out_ptrs + c * HW, tl.where(keep, s, t.to(s.dtype)), mask=mask_p)
 
 
 def crdomix_blend_ref(
     source: torch.Tensor, translated: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor
 ) -> torch.Tensor:
-    """Plain PyTorch: gather the per-image table at each label, then where()."""
-    keep = torch.gather(selected.bool(), 1, labels.long().flatten(1)).view(labels.shape)
+    """Plain PyTorch: gather the per-image table at each label (labels outside 0..255 select
+    nothing), then where()."""
+    lab = labels.long()
+    in_table = (lab >= 0) & (lab < NUM_VALUES)
+    keep = torch.gather(selected.bool(), 1, lab.clamp(0, NUM_VALUES - 1).flatten(1)).view(labels.shape) & in_table
     return torch.where(keep[:, None], source, translated.to(source.dtype)).contiguous()
 
 
@@ -96,14 +114,16 @@ def crdomix_blend(
         return crdomix_blend_ref(source, translated, labels, selected)
 
     B, C, H, W = source.shape
+    check_pixels(H, W)
     out = torch.empty((B, C, H, W), dtype=source.dtype, device=source.device)
     if out.numel() == 0:
         return out
     if labels.dtype == torch.bool:
         labels = labels.to(torch.uint8)
     table = selected.view(torch.uint8) if selected.dtype == torch.bool else (selected != 0).to(torch.uint8)
-    BLOCK_P = 1024 if not interpreting() else 4096
-    grid = (triton.cdiv(H * W, BLOCK_P), B)
+    if C > 16:  # the channel loop is unrolled (C is a constexpr): images, not feature maps
+        return crdomix_blend_ref(source, translated, labels, selected)
+    grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), B)
     _crdomix_blend_kernel[grid](
         source, translated, labels, table, out,
         C, H * W, W,
@@ -112,7 +132,5 @@ def crdomix_blend(
         TRANS_CONTIGUOUS=pixels_contiguous(translated),
         LABELS_CONTIGUOUS=pixels_contiguous(labels),
         NUM_VALUES=NUM_VALUES,
-        BLOCK_P=BLOCK_P,
-        num_warps=4,
     )
     return out

@@ -48,3 +48,27 @@ def test_cli_kernels(tmp_path, monkeypatch):
     assert calls == [{"quick": True, "csv_path": str(tmp_path / "k.csv"), "plot_path": None,
                       "ops": ["crdomix_blend"], "dtypes": ["bf16"]}]
     assert CliRunner().invoke(bench, ["kernels", "--dtype", "fp8"]).exit_code != 0
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py plans every stage on a CPU: imports, prerequisites, parity and the bench at
+    toy sizes (parity through the interpreter); run as on a GPU machine, from the source tree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(repo)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path / "out"), "--dtype", "fp32"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=280,
+    )
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    for stage in ("kernels", "parity", "bench", "train"):
+        assert f"--- {stage}: " in log
+    assert "--- parity: ok" in log and "--- bench: ok" in log
+    assert "MISMATCH" not in log
+    assert (tmp_path / "out" / "kernels.csv").stat().st_size > 0

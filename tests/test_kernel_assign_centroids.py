@@ -126,3 +126,33 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         assign_centroids(features, centroids, backend="triton")
+
+
+def test_torch_path_takes_any_number_of_classes():
+    features, centroids = torch.randn(1, 4, 2, 3), torch.randn(100, 4)
+    labels, _ = assign_centroids(features, centroids, backend="torch")
+    assert torch.equal(labels, assign_centroids_ref(features, centroids)[0])
+    with pytest.raises(ValueError, match="classes"):  # only the Triton path has a class limit
+        assign_centroids(features, centroids, backend="triton")
+
+
+def huge_fp16_buffer(numel):
+    """A virtual buffer: torch.empty maps the pages, only the ones written are ever touched."""
+    try:
+        return torch.empty(numel, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as err:
+        pytest.skip(f"cannot map a {numel * 2 / 2**30:.0f} GiB virtual buffer here: {err}")
+
+
+def test_pixel_offsets_beyond_2_31():
+    """Rows h of a strided view sit h·(2**30 + 8) elements apart: row 2 is 2**31 + 16 elements in,
+    which int32 offsets wrap to element 16 of the buffer (filled to point at the other centroid)."""
+    base, stride_h = 2**31, 2**30 + 8
+    buf = huge_fp16_buffer(base + 2 * stride_h + 64)
+    features = buf.as_strided((1, 2, 3, 2), (4, 2, stride_h, 1), storage_offset=base)
+    features[0, 0], features[0, 1] = 0.0, 1.0  # every pixel points at centroid 1
+    buf[16:20] = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    centroids = torch.eye(2, device=DEVICE)
+    for metric in ("cosine", "l2"):
+        labels, score = assign_centroids(features, centroids, metric, backend="triton")
+        assert (labels == 1).all(), labels

@@ -108,8 +108,71 @@ def test_backend_resolution(monkeypatch):
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="backend"):
         class_feature_sums(features, labels, 3, backend="gpu")
-    with pytest.raises(ValueError, match="classes"):
-        class_feature_sums(features, labels, 65)
+    with pytest.raises(ValueError, match="classes"):  # only the Triton path has a class limit
+        class_feature_sums(features, labels, 65, backend="triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         class_feature_sums(features, labels, 3, backend="triton")
+
+
+def test_torch_path_takes_any_number_of_classes():
+    features, labels = torch.randn(1, 4, 2, 3), torch.arange(6).view(1, 2, 3) * 20  # 0, 20, ..., 100
+    sums, counts = class_feature_sums(features, labels, 101, backend="torch")
+    assert sums.shape == (1, 101, 4) and counts.sum() == 6 and counts[0, 100] == 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_int64_labels_are_range_checked_before_narrowing(backend):
+    torch.manual_seed(5)
+    features = torch.randn(2, 6, 3, 5, device=DEVICE)
+    labels = make_labels(2, 3, 5, 19, seed=5)
+    wide = labels.clone()
+    wide[:, 1] = 2**32 + 3  # class 3 in int32, out of range in int64
+    sums, counts = class_feature_sums(features, wide, 19, backend=backend)
+    ref_sums, ref_counts = loop_sums(features, torch.where(wide == 2**32 + 3, 255, wide), 19)
+    assert torch.equal(counts, ref_counts)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
+
+
+def huge_fp16_buffer(numel):
+    """A virtual buffer: torch.empty maps the pages, only the ones written are ever touched."""
+    try:
+        return torch.empty(numel, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as err:
+        pytest.skip(f"cannot map a {numel * 2 / 2**30:.0f} GiB virtual buffer here: {err}")
+
+
+def test_channel_offsets_beyond_2_31():
+    """Channel 2 sits 2**31 + 16 elements after the view's start: int32 offsets would wrap to
+    -2**31 + 16, i.e. element 16 of the buffer (filled with 1000 to catch it)."""
+    base, stride_c = 2**31, 2**30 + 8
+    buf = huge_fp16_buffer(base + 2 * stride_c + 64)
+    features = buf.as_strided((1, 3, 1, 4), (3 * stride_c, stride_c, 4, 1), storage_offset=base)
+    for c in range(3):
+        features[0, c] = 2.0**c
+    buf[16:20] = 1000.0
+    labels = torch.zeros(1, 1, 4, dtype=torch.long, device=DEVICE)
+    sums, counts = class_feature_sums(features, labels, 2, backend="triton")
+    assert sums[0, 0].tolist() == [4.0, 8.0, 16.0] and counts[0].tolist() == [4, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_deterministic_across_runs_and_block_counts(dtype):
+    """No atomics: the same bits on every run and for any number of programs (spans per program;
+    on a GPU also the channel block size); several spans per image, so the reduction is exercised."""
+    from diga_fast.kernels.class_feature_sums import _class_feature_sums_triton, span_count
+
+    torch.manual_seed(6)
+    B, C, H, W = 2, 40, 17, 33
+    assert span_count(B, C, H, W)[1] >= 2
+    features = (100 * torch.randn(B, C, H, W, device=DEVICE)).to(dtype)  # large sums: rounding shows
+    labels = make_labels(B, H, W, 5, seed=6)
+    first = _class_feature_sums_triton(features, labels, 5, 255, block_c=64)
+    again = _class_feature_sums_triton(features, labels, 5, 255, block_c=64)
+    fewer_programs = _class_feature_sums_triton(features, labels, 5, 255, block_c=64, spans_per_program=2)
+    public = class_feature_sums(features, labels, 5, backend="triton")
+    others = [again, fewer_programs, public]
+    if DEVICE == "cuda":  # numpy's matmul (the interpreter's tl.dot) rounds differently per shape
+        others.append(_class_feature_sums_triton(features, labels, 5, 255, block_c=16))
+    for other in others:
+        assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])

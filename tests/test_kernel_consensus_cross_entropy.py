@@ -140,3 +140,51 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         consensus_cross_entropy(logits, prob, prob, backend="triton")
+
+
+def test_torch_path_takes_any_number_of_classes():
+    logits = torch.randn(1, 70, 2, 3)
+    prob = torch.full((1, 2, 3), 69, dtype=torch.long)
+    loss = consensus_cross_entropy(logits, prob, prob, backend="torch")
+    torch.testing.assert_close(loss, consensus_cross_entropy_ref(logits, prob, prob))
+    with pytest.raises(ValueError, match="classes"):  # only the Triton path has a class limit
+        consensus_cross_entropy(logits, prob, prob, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_int64_labels_are_range_checked_before_narrowing(backend):
+    torch.manual_seed(5)
+    B, K, H, W = 2, 19, 4, 6
+    logits = torch.randn(B, K, H, W, device=DEVICE)
+    prob, feat = make_labels(B, K, H, W, agree=1.0, seed=5)
+    wide = prob.clone()
+    wide[:, 1] = 2**32 + 3  # class 3 in int32, out of range in int64
+    loss, grad = loss_and_grad(consensus_cross_entropy, logits, wide, wide, backend=backend)
+    ignored = torch.where(wide == 2**32 + 3, 255, wide)
+    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), ignored, ignored)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    assert (grad[:, :, 1] == 0).all()
+
+
+def huge_fp16_buffer(numel):
+    """A virtual buffer: torch.empty maps the pages, only the ones written are ever touched."""
+    try:
+        return torch.empty(numel, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as err:
+        pytest.skip(f"cannot map a {numel * 2 / 2**30:.0f} GiB virtual buffer here: {err}")
+
+
+def test_class_offsets_beyond_2_31():
+    """Class plane 2 sits 2**31 + 16 elements after the view's start; int32 offsets would wrap to
+    element 16 of the buffer (left at 0, so the loss would change)."""
+    base, stride_k = 2**31, 2**30 + 8
+    buf = huge_fp16_buffer(base + 2 * stride_k + 64)
+    logits = buf.as_strided((1, 3, 1, 4), (3 * stride_k, stride_k, 4, 1), storage_offset=base)
+    for k in range(3):
+        logits[0, k] = float(k)
+    buf[16:20] = 0.0
+    labels = torch.full((1, 1, 4), 2, dtype=torch.long, device=DEVICE)
+    loss = consensus_cross_entropy(logits, labels, labels, backend="triton")
+    expected = torch.logsumexp(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), 0) - 2.0
+    assert abs(loss.item() - expected.item()) < 1e-3, loss.item()

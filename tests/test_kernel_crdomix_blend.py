@@ -99,3 +99,18 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         crdomix_blend(source, translated, labels, selected, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_labels_outside_the_table_select_nothing(backend):
+    source, translated, labels, selected = make_inputs(2, 3, 5, 7, torch.float32, seed=4)
+    selected[:, 3] = True
+    selected[:, 255] = True
+    wide = labels.clone()
+    wide[:, 1] = 2**32 + 3  # value 3 in int32, outside 0..255 in int64
+    wide[:, 2, :2] = -1  # 255 once narrowed to uint8
+    mixed = crdomix_blend(source, translated, wide, selected, backend=backend)
+    outside = ((wide < 0) | (wide > 255))[:, None]
+    assert torch.equal(mixed[outside.expand_as(mixed)], translated[outside.expand_as(mixed)])
+    inside = torch.where(outside[:, 0], 0, wide)
+    assert torch.equal(mixed, torch.where(outside, translated, loop_blend(source, translated, inside, selected)))
