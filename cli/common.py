@@ -41,7 +41,7 @@ def training_options(command):
     return _apply(command, [
         _SOURCE, _TARGET, _PRESET, _CONFIG,
         click.option("--model", "arch", type=click.Choice(ARCHS), default=None, help="Network (overrides the preset's)."),
-        click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Local torchvision ResNet state dict for the deeplabv2 backbones."),
+        click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Local ImageNet weights for the deeplabv2 backbone: the official DeepLab init (Scale.* keys) or a torchvision ResNet state dict (converted to the Caffe input on load)."),
         click.option("--iters", type=click.IntRange(min=1), default=None, help="Training iterations."),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (config.yaml, *.safetensors, state.pt, metrics.jsonl)."),
         _SEED, _DEVICE,
@@ -50,6 +50,14 @@ def training_options(command):
         FORCE,
         _OVERRIDES,
     ])
+
+
+def translator_training_options(command):
+    """:func:`training_options` less --model/--pretrained, which name the segmentation network (the
+    translator's nets come from ``translator.*`` settings)."""
+    command = training_options(command)
+    command.__click_params__ = [p for p in command.__click_params__ if p.name not in ("arch", "pretrained")]
+    return command
 
 
 def labelling_options(command):
@@ -103,10 +111,12 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset: str | None,
                    config_file: str | None, arch: str | None, pretrained: str | None, iters: int | None,
-                   seed: int | None, bf16: bool | None, resume: bool, out: str, overrides: tuple[str, ...]) -> Recipe:
+                   seed: int | None, bf16: bool | None, resume: bool, out: str, overrides: tuple[str, ...],
+                   check: bool = True) -> Recipe:
     """Preset -> --config -> named options -> KEY=VALUE overrides; paths in it made absolute. On
     --resume the run's own config.yaml is the recipe: only --iters and overrides may change it, and
-    any other recipe option is refused rather than silently ignored."""
+    any other recipe option is refused rather than silently ignored. ``check=False`` skips the checks
+    (``diga recipe show`` prints a recipe that still lacks its weights or translator)."""
     if resume:
         ignored = [name for name, value in (("--source", source), ("--target", target), ("--preset", preset),
                                              ("--config", config_file), ("--model", arch), ("--pretrained", pretrained),
@@ -144,4 +154,5 @@ def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset
             recipe.train.bf16 = bf16
     if iters is not None:
         recipe.train.iters = iters
-    return absolute_paths(validate_recipe(apply_overrides(recipe, overrides)))
+    recipe = apply_overrides(recipe, overrides)
+    return absolute_paths(validate_recipe(recipe) if check else recipe)

@@ -19,8 +19,8 @@ def data() -> None:
 
 @data.command("synth")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write gta5/ and cityscapes/ into.")
-@click.option("--train-images", type=click.IntRange(min=1), default=500, show_default=True, help="Images per domain in the train split.")
-@click.option("--val-images", type=click.IntRange(min=1), default=100, show_default=True, help="Target val images.")
+@click.option("--train-images", type=click.IntRange(min=1), default=DataConfig.synthetic_train_images, show_default=True, help="Images per domain in the train split.")
+@click.option("--val-images", type=click.IntRange(min=1), default=DataConfig.synthetic_val_images, show_default=True, help="Target val images (what training, the demo and diga eval use).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def synth(out: str, train_images: int, val_images: int, seed: int) -> None:
     """Write the built-in synthetic -> real-looking pair as OUT/gta5 (GTA5 layout: images/, labels/
@@ -28,6 +28,7 @@ def synth(out: str, train_images: int, val_images: int, seed: int) -> None:
     so the real loaders read it: --source gta5:OUT/gta5 --target cityscapes:OUT/cityscapes."""
     from diga_fast.data.layouts import write_cityscapes_layout, write_gta5_layout
     from diga_fast.data.synthetic import render_scene
+    from diga_fast.engine.logging import progress_bar
 
     root = Path(out)
     if (root / "gta5").exists() or (root / "cityscapes").exists():
@@ -37,15 +38,20 @@ def synth(out: str, train_images: int, val_images: int, seed: int) -> None:
     except OSError as err:
         raise DigaError(f"cannot create {root}: {err.strerror or err}") from None
 
+    written = [0]
+
     def scenes(domain: str, split: str, count: int):
         for index in range(count):
             image, label = render_scene(domain, split, index, seed)
             yield f"{index:05d}", image, label
+            written[0] += 1
+            tick(written[0])
 
     try:
-        write_gta5_layout(root / "gta5", scenes("source", "train", train_images))
-        write_cityscapes_layout(root / "cityscapes", "train", scenes("target", "train", train_images))
-        write_cityscapes_layout(root / "cityscapes", "val", scenes("target", "val", val_images))
+        with progress_bar(2 * train_images + val_images, "writing", unit="img") as tick:
+            write_gta5_layout(root / "gta5", scenes("source", "train", train_images))
+            write_cityscapes_layout(root / "cityscapes", "train", scenes("target", "train", train_images))
+            write_cityscapes_layout(root / "cityscapes", "val", scenes("target", "val", val_images))
     except OSError as err:
         raise DigaError(f"cannot write the pair into {root}: {err.strerror or err}") from None
     click.echo(f"wrote {train_images} source images to {root / 'gta5'} and {train_images}+{val_images} target images to {root / 'cityscapes'}")

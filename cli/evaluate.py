@@ -2,30 +2,44 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 from rich.console import Console
 
 from diga_fast.cli.common import FORCE, check_out_folder, parse_scales
+from diga_fast.config import DataConfig
 from diga_fast.errors import DigaError
 
 
 def check_output_file(path: str | None, option: str) -> None:
-    """Before any work: the folder of an output file must exist and be writable."""
+    """Before any work: an output file must not be a folder, and its folder must exist and be writable or
+    be creatable (it is created, with its parents, when the file is written: :func:`make_parent`)."""
+    from diga_fast.utils.io import folder_problem
+
     if path is None:
         return
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise DigaError(f"{option}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise DigaError(f"{option}: folder {folder} is not writable")
+    if Path(path).is_dir():
+        raise DigaError(f"{option} {path} is a folder; give a file name")
+    problem = folder_problem(Path(path).parent)
+    if problem:
+        raise DigaError(f"{option}: {problem}")
+
+
+def make_parent(path: str, option: str) -> Path:
+    """Create the folder of the output file ``path`` (with its parents)."""
+    from diga_fast.utils.io import make_parent as make
+
+    try:
+        return make(path)
+    except OSError as err:
+        raise DigaError(f"{option}: cannot create folder {Path(path).parent}: {err.strerror or err}") from None
 
 
 def _write_json(path: str, data: dict) -> None:
     from diga_fast.utils.io import write_json
 
+    make_parent(path, "--json")
     try:
         write_json(Path(path), data)
     except OSError as err:
@@ -40,7 +54,9 @@ def _write_json(path: str, data: dict) -> None:
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
 @click.option("--scales", default="1.0", show_default=True, help="Inference scales; logits are max-combined (official: 1.0,0.5).")
 @click.option("--label-space", default=None, help="cityscapes19 or synthia16 [default: the checkpoint's; cityscapes19 for --pred-dir].")
-@click.option("--synthetic-images", type=click.IntRange(min=1), default=100, show_default=True, help="Images of the built-in pair's split.")
+@click.option("--synthetic-images", type=click.IntRange(min=1), default=None,
+              help=f"Images of the built-in pair's split [default: {DataConfig.synthetic_val_images} for val, "
+                   f"{DataConfig.synthetic_train_images} for train: what training and the demo use].")
 @click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda[:N] or auto (with --onnx: the ONNX Runtime provider).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write {miou, iou, num_classes} here.")
@@ -51,12 +67,15 @@ def eval_command(checkpoint, onnx_path, pred_dir, target, split, scales, label_s
     from diga_fast.models.io import load_model
     from diga_fast.inference import evaluate_model, evaluate_prediction_folder
     from diga_fast.engine.device import resolve_device
+    from diga_fast.engine.logging import progress_callback
     from diga_fast.metrics import iou_table
 
     if sum(x is not None for x in (checkpoint, onnx_path, pred_dir)) != 1:
         raise DigaError("give exactly one of --checkpoint, --onnx or --pred-dir")
     check_output_file(json_path, "--json")
     spec = parse_dataset_spec(target)
+    if synthetic_images is None:
+        synthetic_images = DataConfig.synthetic_train_images if split == "train" else DataConfig.synthetic_val_images
     if pred_dir is not None:
         if spec.kind != "cityscapes":
             raise DigaError("--pred-dir evaluates against Cityscapes ground truth: --target cityscapes:ROOT")
@@ -70,7 +89,9 @@ def eval_command(checkpoint, onnx_path, pred_dir, target, split, scales, label_s
         scale_values = parse_scales(scales)
         segmenter, space = _onnx_segmenter(onnx_path, device, label_space, scale_values)
         dataset = build_dataset(spec, role="target", split=split, label_space=space, synthetic_images=synthetic_images)
-        summary = evaluate_model(segmenter, dataset, space, torch.device("cpu"), scales=scale_values, max_images=max_images)
+        with progress_callback("eval") as progress:
+            summary = evaluate_model(segmenter, dataset, space, torch.device("cpu"), scales=scale_values,
+                                     max_images=max_images, progress=progress)
         title = f"{onnx_path} ({segmenter.provider}) on {target} {split}"
     else:
         dev = resolve_device(device)
@@ -79,7 +100,9 @@ def eval_command(checkpoint, onnx_path, pred_dir, target, split, scales, label_s
         if space.num_classes != model.num_classes:
             raise DigaError(f"--label-space {space.name} has {space.num_classes} classes, the checkpoint predicts {model.num_classes}")
         dataset = build_dataset(spec, role="target", split=split, label_space=space, synthetic_images=synthetic_images)
-        summary = evaluate_model(model.to(dev), dataset, space, dev, scales=parse_scales(scales), max_images=max_images)
+        with progress_callback("eval") as progress:
+            summary = evaluate_model(model.to(dev), dataset, space, dev, scales=parse_scales(scales),
+                                     max_images=max_images, progress=progress)
         title = f"{checkpoint} on {target} {split}"
     Console().print(iou_table(summary, title=title))
     if json_path:
@@ -120,6 +143,7 @@ def predict(checkpoint, onnx_path, images_dir, out, scales, overlay, device, ski
     from diga_fast.models.io import load_model
     from diga_fast.inference import predict_folder
     from diga_fast.engine.device import resolve_device
+    from diga_fast.engine.logging import progress_callback
 
     if (checkpoint is None) == (onnx_path is None):
         raise DigaError("give exactly one of --checkpoint or --onnx")
@@ -137,7 +161,9 @@ def predict(checkpoint, onnx_path, images_dir, out, scales, overlay, device, ski
         dev = resolve_device(device)
         model, meta = load_model(checkpoint)
         model, space = model.to(dev), get_label_space(meta["label_space"])
-    count, skipped = predict_folder(model, images_dir, out_dir, space, dev, scale_values, overlay, skip_bad=skip_bad)
+    with progress_callback("predict") as progress:
+        count, skipped = predict_folder(model, images_dir, out_dir, space, dev, scale_values, overlay, skip_bad=skip_bad,
+                                        progress=progress)
     click.echo(f"wrote predictions for {count} images to {out_dir}")
     if skipped:
         for why in skipped:

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from diga_fast.cli.common import FORCE, check_out_folder, labelling_options, labelling_recipe
-from diga_fast.cli.evaluate import check_output_file
+from diga_fast.cli.evaluate import check_output_file, make_parent
 from diga_fast.errors import DigaError
 
 _CHECKPOINT = click.option("--checkpoint", required=True, type=click.Path(), help="Warm-up (or self-training) run folder or .safetensors.")
@@ -38,6 +38,7 @@ def _student_and_images(checkpoint: str, recipe, device: str):
 def pseudo_label(checkpoint, out, force, target, preset, config_file, seed, device, overrides) -> None:
     """Probability labels: the model's argmax on every target training image, no threshold
     (inference scales: self_training.pseudo_label_scales, default 1.0,0.5)."""
+    from diga_fast.engine.logging import progress_callback
     from diga_fast.method.pseudo_labels import generate_probability_labels
     from diga_fast.utils import dist
 
@@ -48,7 +49,9 @@ def pseudo_label(checkpoint, out, force, target, preset, config_file, seed, devi
         Path(out).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DigaError(f"cannot create --out {out}: {err.strerror or err}") from None
-    generate_probability_labels(model, images, out, space, dev, recipe.self_training.pseudo_label_scales)  # sharded under torchrun
+    with progress_callback("pseudo-labels") as progress:  # sharded under torchrun
+        generate_probability_labels(model, images, out, space, dev, recipe.self_training.pseudo_label_scales,
+                                    progress=progress)
     if dist.current().is_main:
         click.echo(f"wrote probability labels for {len(images)} images to {out}")
 
@@ -60,6 +63,7 @@ def pseudo_label(checkpoint, out, force, target, preset, config_file, seed, devi
 def centroids(checkpoint, out, target, preset, config_file, seed, device, overrides) -> None:
     """Initial class centroids: per-class mean feature over the target train images, each pixel
     assigned to the model's own argmax class."""
+    from diga_fast.engine.logging import progress_callback
     from diga_fast.method.centroids import initial_centroids
     from diga_fast.models.io import save_centroids
     from diga_fast.utils import dist
@@ -68,9 +72,10 @@ def centroids(checkpoint, out, target, preset, config_file, seed, device, overri
     path = Path(out)
     check_output_file(out, "--out")
     model, space, dev, images = _student_and_images(checkpoint, recipe, device)
-    values, counts = initial_centroids(model, images, dev)  # sharded under torchrun
+    with progress_callback("centroids") as progress:  # sharded under torchrun
+        values, counts = initial_centroids(model, images, dev, progress=progress)
     if not dist.current().is_main:
         return
-    save_centroids(path, values, pixel_counts=counts)
+    save_centroids(make_parent(out, "--out"), values, pixel_counts=counts)
     seen = int((counts > 0).sum())
     click.echo(f"wrote {values.shape[0]}x{values.shape[1]} centroids to {path} ({seen} classes seen)")

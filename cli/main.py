@@ -21,10 +21,11 @@ def _register() -> None:
     from diga_fast.cli.demo import demo
     from diga_fast.cli.evaluate import eval_command, predict
     from diga_fast.cli.labels import centroids, pseudo_label
+    from diga_fast.cli.recipe import recipe
     from diga_fast.cli.export import export
     from diga_fast.cli.train import train
 
-    for command in (train, pseudo_label, centroids, eval_command, predict, export, data, demo, bench):
+    for command in (train, pseudo_label, centroids, eval_command, predict, export, data, demo, bench, recipe):
         cli.add_command(command)
 
 

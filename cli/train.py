@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from diga_fast.cli.common import check_out_folder, resolve_recipe, training_options
+from diga_fast.cli.common import check_out_folder, resolve_recipe, training_options, translator_training_options
 
 
 def _console() -> Console:
@@ -55,7 +55,7 @@ def train_warmup_command(out, device, resume, force, **options) -> None:
 
 
 @train.command("translator")
-@training_options
+@translator_training_options
 def train_translator_command(out, device, resume, force, **options) -> None:
     """Train the source->target image translator (Stage 0, CycleGAN-style) on --source/--target.
 
@@ -63,13 +63,29 @@ def train_translator_command(out, device, resume, force, **options) -> None:
     Use the result in later stages with translator.kind=cyclegan translator.checkpoint=RUN."""
     from diga_fast.stages.translator import train_translator
 
-    recipe = resolve_recipe("translator", out=out, resume=resume, **options)
+    recipe = resolve_recipe("translator", out=out, resume=resume, arch=None, pretrained=None, **options)
     check_out_folder(out, "translator", resume, force)
     summary = train_translator(recipe, out, device=device, resume=resume)
     console = _console()
     console.print(f"translator saved: {summary['translator']} ({summary['iters']} iterations, "
                   f"perceptual loss {'on' if summary['perceptual'] else 'off'})", highlight=False)
     console.print(f"run folder: {out}")
+
+
+def inherit_init_recipe(recipe, init: str, overrides: tuple[str, ...]) -> None:
+    """Self-training continues the recipe of the run it starts from: the fields the stages share come
+    from --init's config.yaml (KEY=VALUE overrides still win), and what was taken is printed."""
+    from pathlib import Path
+
+    from diga_fast.config import apply_overrides, inherit_from_run, load_yaml, validate_recipe
+
+    saved = Path(init) / "config.yaml" if Path(init).is_dir() else Path(init).parent / "config.yaml"
+    if not saved.is_file():
+        return
+    taken = inherit_from_run(recipe, load_yaml(saved))
+    validate_recipe(apply_overrides(recipe, overrides))
+    if taken:
+        click.echo(f"from {saved}: {', '.join(taken)}", err=True)
 
 
 @train.command("self")
@@ -87,6 +103,8 @@ def train_self_command(init, rounds, out, device, resume, force, **options) -> N
 
     recipe = resolve_recipe("self", out=out, resume=resume, **options)
     check_out_folder(out, "self", resume, force)
+    if not resume and init is not None:
+        inherit_init_recipe(recipe, init, options["overrides"])
     summary = train_self_rounds(recipe, out, init, rounds=rounds, device=device, resume=resume)
     _console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after self-training"))
     _console().print(f"run folder: {out}")

@@ -41,7 +41,13 @@ class DataConfig:
     target_resize: Size | None = None
     target_scale: tuple[float, float] | None = (0.75, 1.5)
     crop: Size = (112, 224)
+    # Several sizes per batch, as the official loaders: ((height, width, rows), ...) resizes the first
+    # ``rows`` images of each batch to the first size, and so on (rows add up to data.batch_size);
+    # instead of source_resize / target_resize when set
+    source_sizes: tuple[tuple[int, int, int], ...] | None = None
+    target_sizes: tuple[tuple[int, int, int], ...] | None = None
     content_retry: bool = False
+    skip_bad: bool = False  # leave out source pairs whose image and label sizes differ (counted, reported)
     # Evaluation: full-size images, logits at each scale upsampled to full size, element-wise max.
     eval_scales: tuple[float, ...] = (1.0,)
     eval_max_images: int | None = None
@@ -53,7 +59,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "small"
-    pretrained: str | None = None
+    pretrained: str | None = None  # a local file; "none" = random init on purpose (paper refuses unset)
     dropout: float | None = None  # the classifier's Dropout2d p; None = the architecture's (0.1)
     freeze_bn_stats: bool = False  # BatchNorm uses running statistics in training too
 
@@ -84,6 +90,12 @@ class TrainConfig:
     source_loss: str = "ce"
     ohem_thresh: float = 0.7
     ohem_min_kept: int = 100_000
+    # What a CE loss is averaged over: "valid" pixels (diga-fast) or "all" pixels, ignored ones included
+    # (the official code; the paper preset)
+    ce_normalizer: str = "valid"
+    # Keep the weights of the best target-val mIoU (evaluated every eval_every steps) in best/: the
+    # official model selection, which uses target labels (the paper preset); later stages take best/
+    select_on_val: bool = False
 
 
 @dataclass
@@ -114,6 +126,9 @@ class WarmupConfig:
     reverse_scale: float = 0.5
     temperature: float = 1.0
     ema_max: float = 0.999
+    # The EMA teacher's forward: "eval" (running BN statistics, no dropout: diga-fast) or "train" (batch
+    # statistics and dropout, the official code; the paper preset). Centroids and labels always use eval.
+    teacher_mode: str = "eval"
     aug: StrongAugConfig = field(default_factory=StrongAugConfig)
     visualize_every: int = 500
 
@@ -159,6 +174,8 @@ class SelfTrainingConfig:
     lambda_distill: float = 0.25
     reverse_scale: float = 0.5
     target_beta: float = 0.3  # strong-view blend of the target in ClassMix
+    forward: str = "pooled"  # student forwards: pooled (one of all crops) | grouped (official: [x_s; x_cdm], x_mix)
+    source_beta: float | None = None  # strong-view blend of the source CrDoMix view; None = warmup.aug.beta (official 0.3)
     pseudo_label_scales: tuple[float, ...] = (1.0, 0.5)
     pseudo_labels: str | None = None  # a folder from `diga pseudo-label`; unset = made in the run folder
     centroids: str | None = None  # a file from `diga centroids`; unset = computed in the run folder
@@ -213,11 +230,24 @@ def preset_recipe(preset: str, stage: str, source: str = "synthetic", target: st
         )
         recipe.model = ModelConfig(arch="deeplabv2_r101")
         recipe.optim = OptimConfig(lr=2.5e-4)
-        recipe.train = TrainConfig(iters=80_000, log_every=50, eval_every=0, save_every=2000, bf16=False)
+        recipe.train = TrainConfig(iters=80_000, log_every=50, eval_every=1000, save_every=2000, bf16=False,
+                                   ce_normalizer="all", select_on_val=True)
+        recipe.warmup.teacher_mode = "train"
+        recipe.self_training.source_beta = 0.3
+        recipe.self_training.forward = "grouped"
+        recipe.self_training.feat_upsample = "scores"  # softmax at feature resolution, upsampled, argmax
         recipe.translator = TranslatorConfig(
-            width=64, n_res=4, crop=(512, 896), source_zoom=(1.0, 1.5) if synthia else (1.0, 1.47),
+            kind="cyclegan", width=64, n_res=4, crop=(512, 896), source_zoom=(1.0, 1.5) if synthia else (1.0, 1.47),
             target_zoom=(1.0, 2.0), identity_weight=0.025 if synthia else 0.001,
         )
+        # official batches of two sizes (low + high resolution), rows per size by stage
+        low, high = ((760, 1280), (1140, 1920)) if synthia else ((720, 1280), (1052, 1914))
+        rows = {("warmup", False): (1, 2), ("warmup", True): (1, 3), ("self", False): (2, 1), ("self", True): (1, 2)}
+        if stage != "translator":  # the translator zooms between the two sizes instead (translator.*_zoom)
+            low_rows, high_rows = rows.get((stage, synthia), (1, 2))
+            recipe.data.source_sizes = ((*low, low_rows), (*high, high_rows))
+            recipe.data.batch_size = low_rows + high_rows
+            recipe.data.target_sizes = ((512, 1024, 2), (1024, 2048, 1)) if recipe.data.batch_size == 3 else None
         if synthia:  # method.md / official §8: SYNTHIA warm-up differences
             recipe.train.iters = 60_000 if stage == "warmup" else 80_000
             recipe.warmup.lambda_distill = recipe.warmup.reverse_scale = 0.25
@@ -364,6 +394,9 @@ CHOICES = {
     ("self_training", "labels"): ("consensus", "prob", "feat", "threshold"),
     ("self_training", "metric"): ("cosine", "l2"),
     ("self_training", "feat_upsample"): ("nearest", "scores"),
+    ("train", "ce_normalizer"): ("valid", "all"),
+    ("warmup", "teacher_mode"): ("eval", "train"),
+    ("self_training", "forward"): ("pooled", "grouped"),
 }
 
 
@@ -421,6 +454,7 @@ RANGES = {
     ("self_training", "threshold"): UNIT, ("self_training", "centroid_momentum"): UNIT,
     ("self_training", "centroid_min_pixels"): AT_LEAST_1, ("self_training", "lambda_distill"): AT_LEAST_0,
     ("self_training", "reverse_scale"): AT_LEAST_0, ("self_training", "target_beta"): UNIT,
+    ("self_training", "source_beta"): UNIT,
     ("self_training", "pseudo_label_scales"): SCALE,
 }
 NON_EMPTY = {("data", "eval_scales"), ("self_training", "pseudo_label_scales"), ("translator", "source_zoom"),
@@ -457,7 +491,75 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             raise DigaError(f"data.{key}={list(scale)}: the first value (smallest factor) must not exceed the second")
     if any(s % 4 for s in recipe.translator.crop):
         raise DigaError(f"translator.crop must be multiples of 4, at least 16, got {list(recipe.translator.crop)}")
+    for key in ("source_sizes", "target_sizes"):
+        sizes = getattr(recipe.data, key)
+        if sizes is None:
+            continue
+        if not sizes or any(min(entry) < 1 for entry in sizes):
+            raise DigaError(f"data.{key}={[list(e) for e in sizes]}: give [height, width, rows] entries, all >= 1")
+        if sum(rows for _, _, rows in sizes) != recipe.data.batch_size:
+            raise DigaError(f"data.{key}={[list(e) for e in sizes]}: the rows add up to "
+                            f"{sum(rows for _, _, rows in sizes)}, data.batch_size is {recipe.data.batch_size}")
+    if recipe.train.select_on_val and not recipe.train.eval_every:
+        raise DigaError("train.select_on_val keeps the best evaluation: it needs train.eval_every > 0")
+    _check_paper_starting_points(recipe)
     return recipe
+
+
+def _check_paper_starting_points(recipe: Recipe) -> None:
+    """The ``paper`` recipe starts from ImageNet weights and CrDoMix uses the trained translator: a run
+    that would silently do neither is refused (explicit ``none`` / another translator kind opt out)."""
+    if recipe.preset != "paper":
+        return
+    if recipe.stage in ("source", "warmup") and recipe.model.arch != "small" and not recipe.model.pretrained:
+        raise DigaError("the paper recipe starts from ImageNet weights: pass --pretrained FILE (the official DeepLab "
+                        "init with Scale.* keys, or a torchvision ResNet state dict, converted on load), or "
+                        "model.pretrained=none to train from random weights")
+    if (recipe.stage in ("warmup", "self") and recipe.warmup.crdomix and recipe.translator.kind == "cyclegan"
+            and not recipe.translator.checkpoint):
+        raise DigaError("the paper recipe's CrDoMix uses the trained translator: train it with `diga train translator` "
+                        "and pass translator.checkpoint=RUN, or choose translator.kind=fda|folder")
+
+
+# What self-training takes over from the run it starts from (--init), so that it continues the
+# warm-up's recipe: network, translator, augmentation, teacher, data geometry, source loss.
+SHARED_WITH_INIT = (
+    ("model", "arch"), ("model", "dropout"), ("model", "freeze_bn_stats"), ("translator",), ("warmup", "aug"),
+    ("warmup", "crdomix"), ("warmup", "ema_max"), ("warmup", "teacher_mode"),
+    *(("data", name) for name in ("label_space", "source_resize", "source_scale", "target_resize", "target_scale",
+                                  "crop", "content_retry", "synthetic_train_images", "synthetic_val_images")),
+    *(("train", name) for name in ("source_loss", "ohem_thresh", "ohem_min_kept", "ce_normalizer")),
+)
+
+
+def inherit_from_run(recipe: Recipe, saved: dict[str, Any]) -> list[str]:
+    """Take the :data:`SHARED_WITH_INIT` fields of a run's saved recipe (its config.yaml) into
+    ``recipe``, in place; returns ``key=value`` for each field that changed."""
+    before = _flat(recipe.to_dict())
+    subset: dict[str, Any] = {}
+    for path in SHARED_WITH_INIT:
+        value: Any = saved
+        for name in path:
+            value = value.get(name, {}) if isinstance(value, dict) else {}
+        if value == {}:
+            continue
+        cursor = subset
+        for name in path[:-1]:
+            cursor = cursor.setdefault(name, {})
+        cursor[path[-1]] = value
+    _update(recipe, subset)
+    after = _flat(recipe.to_dict())
+    return [f"{key}={after[key]}" for key in after if after[key] != before.get(key)]
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # Fields that name files or folders: stored absolute, so a run resumes from any working directory.
@@ -468,12 +570,15 @@ PATH_FIELDS = (("model", "pretrained"), ("translator", "checkpoint"), ("translat
 def absolute_paths(recipe: Recipe) -> Recipe:
     """Make dataset roots (``KIND:ROOT``) and :data:`PATH_FIELDS` absolute, in place."""
     for key in ("source", "target"):
-        kind, sep, root = getattr(recipe.data, key).partition(":")
+        kind, sep, rest = getattr(recipe.data, key).partition(":")
         if sep and kind != "synthetic":
-            setattr(recipe.data, key, f"{kind}:{Path(root).expanduser().absolute()}")
+            root, _, query = rest.partition("?")
+            name, _, file = query.partition("=")
+            option = f"?{name}={Path(file).expanduser().absolute()}" if query else ""
+            setattr(recipe.data, key, f"{kind}:{Path(root).expanduser().absolute()}{option}")
     for section, name in PATH_FIELDS:
         value = getattr(getattr(recipe, section), name)
-        if value:
+        if value and value != "none":
             setattr(getattr(recipe, section), name, str(Path(value).expanduser().absolute()))
     return recipe
 

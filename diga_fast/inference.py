@@ -29,6 +29,7 @@ from diga_fast.utils import dist
 from diga_fast.utils.io import save_png
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[int, int], None]  # progress(done, total), e.g. engine.logging.progress_callback's
 
 
 def logits_fn(model: SegmentationModel | LogitsFn) -> LogitsFn:
@@ -66,10 +67,12 @@ def evaluate_model(
     num_workers: int = 0,
     max_images: int | None = None,
     bf16: bool = False,
+    progress: Progress | None = None,
 ) -> dict:
     """Confusion matrix over every pixel of ``dataset`` (full size; the first ``max_images``) ->
     summary dict (:func:`diga_fast.metrics.summarize`). Under torchrun each rank evaluates every world-th image and the
-    counts are summed, so every rank returns the same summary."""
+    counts are summed, so every rank returns the same summary. ``progress(done, total)`` is called after
+    each batch (images done over all ranks, about)."""
     is_module = isinstance(model, torch.nn.Module)
     was_training = is_module and model.training
     if is_module:
@@ -78,23 +81,29 @@ def evaluate_model(
     info = dist.current()
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     shard = Subset(dataset, range(info.rank, count, info.world))
+    done = 0
     for batch in DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = predict_logits(model, images, scales)
         matrix.update(logits.argmax(1), batch["label"].to(device))
+        done += images.shape[0]
+        if progress is not None:
+            progress(min(count, done * info.world), count)
     matrix.all_reduce()
     if is_module:
         model.train(was_training)
     return summarize(matrix, label_space)
 
 
-def evaluate_on_target(model: SegmentationModel, recipe: Recipe, label_space: LabelSpace, device: torch.device) -> dict:
+def evaluate_on_target(model: SegmentationModel, recipe: Recipe, label_space: LabelSpace, device: torch.device,
+                       progress: Progress | None = None) -> dict:
     """Target-val mIoU of ``model`` with the recipe's inference scales (full-size images): what every
     training stage reports."""
     return evaluate_model(
         model, target_val_dataset(recipe, label_space), label_space, device,
         scales=recipe.data.eval_scales, max_images=recipe.data.eval_max_images, bf16=recipe.train.bf16,
+        progress=progress,
     )
 
 
@@ -119,12 +128,13 @@ def predict_folder(
     overlay: bool = False,
     bf16: bool = False,
     skip_bad: bool = False,
+    progress: Progress | None = None,
 ) -> tuple[int, list[str]]:
     """Segment every image under ``images_dir`` (recursively, any size; never ``out_dir`` itself when it
     lies inside) into ``out_dir``, keeping sub-folders: ``NAME_labelIds.png`` (Cityscapes label ids),
     ``NAME_color.png`` (palette) and, with ``overlay``, ``NAME_overlay.png``. Every file is checked
     first: an unreadable one stops before anything is written, or with ``skip_bad`` is left out.
-    Returns (images written, ``"file: why"`` of each skipped one)."""
+    Returns (images written, ``"file: why"`` of each skipped one); ``progress(done, total)`` after each image."""
     from diga_fast.data.datasets import ImageFolder
 
     dataset = ImageFolder(images_dir, exclude=out_dir)
@@ -142,7 +152,10 @@ def predict_folder(
     if isinstance(model, torch.nn.Module):
         model.eval()
     skipped = [why for _, why in bad]
-    for index in sorted(set(range(len(dataset))) - {i for i, _ in bad}):
+    todo = sorted(set(range(len(dataset))) - {i for i, _ in bad})
+    for done, index in enumerate(todo, start=1):
+        if progress is not None:
+            progress(done - 1, len(todo))
         try:
             sample = dataset[index]
         except DigaError as err:  # passed the header check, failed to decode
@@ -161,6 +174,8 @@ def predict_folder(
             rgb = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             blend = (0.5 * rgb + 0.5 * color).round().astype(np.uint8)
             save_png(base.with_name(base.name + "_overlay.png"), blend)
+    if progress is not None and todo:
+        progress(len(todo), len(todo))
     return len(dataset) - len(skipped), skipped
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 
 import torch
+from rich.console import Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from diga_fast.data.labels import IGNORE_INDEX, LabelSpace
 
@@ -105,9 +107,11 @@ def summarize(cm: ConfusionMatrix, label_space: LabelSpace) -> dict:
     return summary
 
 
-def iou_table(summary: dict, title: str | None = None) -> Table:
-    """A rich table: one row per class, then mIoU and each subset mean."""
-    table = Table(title=title)
+def iou_table(summary: dict, title: str | None = None) -> RenderableType:
+    """A rich table: one row per class, then the mIoU over all K classes (``mIoU19``, ``mIoU16``) and
+    each other subset mean (``mIoU13``): one row per number. ``title`` is a line of its own above it,
+    wrapped between words when it is longer than the console is wide (not to the narrow table's width)."""
+    table = Table()
     table.add_column("class")
     table.add_column("IoU %", justify="right")
 
@@ -117,12 +121,13 @@ def iou_table(summary: dict, title: str | None = None) -> Table:
     for name, value in summary["iou"].items():
         table.add_row(name, fmt(value))
     table.add_section()
-    table.add_row(f"mIoU ({summary['num_classes']})", fmt(summary["miou"]), style="bold")
-    reserved = {"miou", "iou", "num_classes"}
+    whole = f"mIoU{summary['num_classes']}"  # the subset of every class is the mIoU itself
+    table.add_row(whole, fmt(summary["miou"]), style="bold")
+    reserved = {"miou", "iou", "num_classes", whole}
     for key, value in summary.items():
         if key not in reserved and (value is None or isinstance(value, float)):
             table.add_row(key, fmt(value))
-    return table
+    return table if title is None else Group(Text(title, style="bold"), table)
 
 
 __all__ = ["ConfusionMatrix", "iou_table", "summarize"]

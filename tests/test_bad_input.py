@@ -178,10 +178,13 @@ def test_output_paths_are_checked_before_work(tmp_path, capsys, trained, monkeyp
     import diga_fast.inference as inference
 
     monkeypatch.setattr(inference, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before checking --json"))
-    code, _, err = run(capsys, "eval", "--checkpoint", trained, "--json", tmp_path / "missing" / "m.json")
-    assert_one_line_error(code, err, "--json: folder")
-    code, _, err = run(capsys, "centroids", "--checkpoint", trained, "--out", tmp_path / "missing" / "c.pt", *FAST)
-    assert_one_line_error(code, err, "--out: folder")
+    regular = tmp_path / "regular-file"
+    regular.write_text("x")  # missing folders are created; a folder under a file cannot be
+    code, _, err = run(capsys, "eval", "--checkpoint", trained, "--json", regular / "sub" / "m.json")
+    assert_one_line_error(code, err, "--json: cannot create folder", "regular-file is not a folder")
+    code, _, err = run(capsys, "centroids", "--checkpoint", trained, "--out", regular / "c.pt", *FAST)
+    assert_one_line_error(code, err, "--out: cannot create folder", "regular-file is not a folder")
+    assert regular.read_text() == "x"
     used = tmp_path / "labels"
     used.mkdir()
     (used / "notes.txt").write_text("mine")
@@ -235,3 +238,52 @@ def test_onnx_with_the_wrong_class_count_is_refused(tmp_path, capsys, trained):
     onnx.save(model, str(path))
     code, _, err = run(capsys, "eval", "--onnx", path, "--synthetic-images", "1")
     assert_one_line_error(code, err, "logits have 19 channels", "16 classes")
+
+
+def test_self_training_inputs_need_no_target_ground_truth(tmp_path, capsys, trained):
+    import shutil
+
+    code, _, err = run(capsys, "data", "synth", "--out", tmp_path / "pair", "--train-images", "3", "--val-images", "1")
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "pair" / "cityscapes" / "gtFine" / "train")
+    code, _, err = run(capsys, "pseudo-label", "--checkpoint", trained, "--out", tmp_path / "pl", "--preset", "demo",
+                       "--target", f"cityscapes:{tmp_path / 'pair' / 'cityscapes'}")
+    assert code == 0, err
+    assert len(list((tmp_path / "pl" / "labels").rglob("*.png"))) == 3
+
+
+def test_gta5_list_option_and_skip_bad(tmp_path, capsys):
+    from PIL import Image
+
+    code, _, err = run(capsys, "data", "synth", "--out", tmp_path / "pair", "--train-images", "6", "--val-images", "2")
+    assert code == 0, err
+    gta5, cityscapes = tmp_path / "pair" / "gta5", tmp_path / "pair" / "cityscapes"
+    with Image.open(gta5 / "labels" / "00002.png") as label:  # one label of another size, as in GTA5's release
+        label.resize((label.width // 2, label.height // 2)).save(gta5 / "labels" / "00002.png")
+    base = ("train", "source", "--iters", "1", "--preset", "demo", "--target", f"cityscapes:{cityscapes}", *FAST)
+    code, _, err = run(capsys, *base, "--source", f"gta5:{gta5}", "--out", tmp_path / "a", "data.batch_size=6")
+    assert_one_line_error(code, err, "00002.png", "data.skip_bad=true")
+    code, _, err = run(capsys, *base, "--source", f"gta5:{gta5}", "--out", tmp_path / "b", "data.skip_bad=true")
+    assert code == 0 and "left out 1 source images" in err, err
+    listing = tmp_path / "good.txt"
+    listing.write_text("00000\n00001.png\n00003\n")
+    code, _, err = run(capsys, *base, "--source", f"gta5:{gta5}?list={listing}", "--out", tmp_path / "c")
+    assert code == 0, err
+    code, _, err = run(capsys, *base, "--source", f"gta5:{gta5}?list={tmp_path / 'none.txt'}", "--out", tmp_path / "d")
+    assert_one_line_error(code, err, "list file not found")
+
+
+def test_select_on_val_keeps_the_best_and_later_commands_take_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "source", "--iters", "3", "--out", out, *FAST, "train.select_on_val=true",
+                       "train.eval_every=1")
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {r["step"]: r["target_val/miou"] for r in records if "target_val/miou" in r}
+    best = json.loads((out / "best" / "eval.json").read_text())
+    assert set(evaluated) == {1, 2, 3} and best["miou"] == max(evaluated.values())
+    assert evaluated[best["step"]] == best["miou"]
+    code, stdout, err = run(capsys, "eval", "--checkpoint", out, "--synthetic-images", "3")
+    assert code == 0 and "using best/" in err and f"step {best['step']}" in err
+    code, _, err = run(capsys, "train", "source", "--iters", "1", "--out", tmp_path / "x", *FAST, "train.select_on_val=true")
+    assert_one_line_error(code, err, "needs train.eval_every > 0")

@@ -146,11 +146,43 @@ def test_pretrained_round_trip(tmp_path, r50):
     loaded = DeepLabV2(depth=50, num_classes=16, pretrained=str(path)).eval()
     got = loaded.state_dict()
     for key, value in state.items():
-        if not key.startswith("fc."):
+        if not key.startswith("fc.") and key not in ("conv1.weight", "bn1.running_mean"):  # those two are folded
             assert torch.equal(got[key], value), key
     assert not torch.equal(loaded.classifier.weight, r50.classifier.weight)  # head not loaded
     assert all(not p.requires_grad for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)
                for p in m.parameters())
+
+
+def test_torchvision_weights_are_converted_to_the_caffe_input(tmp_path, r50):
+    """A torchvision state dict expects RGB ImageNet-normalised input; converted on load, the model's
+    own Caffe-BGR input gives the logits that torchvision's normalisation gives the unconverted weights
+    (up to conv1's zero padding at the border, see fold_torchvision_input)."""
+    from diga_fast.models.deeplabv2 import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+
+    state = torchvision_state_dict(r50)
+    with torch.no_grad():  # a realistic stem: conv1 weights of ImageNet-trained size, BN statistics to match
+        state["conv1.weight"] = torch.randn(64, 3, 7, 7) * 0.05
+        state["bn1.running_mean"] = torch.randn(64) * 0.2
+        state["bn1.running_var"] = torch.rand(64) + 0.5
+    path = tmp_path / "tv.pth"
+    torch.save(state, path)
+    converted = DeepLabV2(depth=50, num_classes=16, pretrained=path).eval()
+    reference = DeepLabV2(depth=50, num_classes=16).eval()
+    reference.load_state_dict({**converted.state_dict(), **{k: v for k, v in state.items() if not k.startswith("fc.")}})
+    mean = torch.tensor(IMAGENET_MEAN_RGB).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_RGB).view(1, 3, 1, 1)
+    reference.normalize = lambda x: (x - mean) / std  # torchvision's own normalisation, RGB
+    image = torch.rand(1, 3, 61, 83)
+    with torch.no_grad():
+        stem = lambda m: m.bn1(m.conv1(m.normalize(image)))  # noqa: E731
+        inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))  # away from conv1's zero padding
+        torch.testing.assert_close(stem(converted)[inner], stem(reference)[inner], rtol=1e-4, atol=1e-4)
+        got, want = converted(image)[0], reference(image)[0]
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+    # the unconverted weights on the Caffe input are far off: the conversion is what makes them agree
+    reference.normalize = converted.normalize
+    with torch.no_grad():
+        assert (stem(reference) - stem(converted))[inner].abs().max() > 0.1
 
 
 def test_pretrained_deeplab_scale_prefix(tmp_path, r50):

@@ -19,6 +19,17 @@ def test_demo_runs_every_stage_and_exports(tmp_path, capsys):
     assert summary["final_checkpoint"] == str(out / "self_training_round2")
     assert summary["onnx"] == str(out / "model.onnx") and (out / "model.onnx").is_file()
     assert "self_training_round2" in stdout
+    assert sum(summary["seconds"].values()) <= summary["total_seconds"]
+    check = summary["onnx_check"]
+    assert check["ok"] and 0.0 <= check["max_abs_logit_diff"] <= check["tolerance"] and check["argmax_agreement"] >= 0.999
+    # headers: a short rule with the stage's name, what it does on the next line, words whole at 80 columns
+    assert all(len(line) <= 80 for line in err.splitlines())
+    assert "self-training round 1" in err and "from warmup, bilateral consensus" in " ".join(err.split())
+    # diga eval on the demo's checkpoint prints the demo's number (the same val images and scales)
+    code, printed, err = run(capsys, "eval", "--checkpoint", out / "self_training_round2", "--synthetic-images", "3",
+                             "--device", "cpu")
+    assert code == 0, err
+    assert f"mIoU19 │ {summary['stages']['self_training_round2']:.2f}" in " ".join(printed.split())
 
 
 def test_demo_refuses_a_folder_in_use(tmp_path, capsys):

@@ -50,7 +50,8 @@ def test_ranks_stay_identical_through_warmup_and_self_training(tmp_path):
     assert steps == [1, 2, 3, 3]  # one writer: three log steps and the final evaluation
 
     self_run = tmp_path / "self"
-    torchrun(tmp_path, "train", "self", "--init", warmup, "--out", self_run, "--iters", "2", "data.batch_size=2", *TINY)
+    torchrun(tmp_path, "train", "self", "--init", warmup, "--out", self_run, "--iters", "2", "data.batch_size=2", *TINY,
+             "self_training.forward=grouped")  # the official grouping: two student forwards in one DDP call
     ranks = json.loads((self_run / "ranks.json").read_text())
     assert ranks["identical"] and {"student", "teacher", "centroids"} <= set(ranks["fingerprints"]), ranks
     assert len(list((self_run / "pseudo_labels" / "labels").glob("*.png"))) == 8  # both shards written

@@ -210,7 +210,7 @@ def test_legacy_exporter_and_a_failed_check_leaves_nothing(tmp_path, capsys, che
     "argv, fragments",
     [
         (["export", "--checkpoint", "{tmp}/junk.safetensors", "--onnx", "{tmp}/a.onnx"], ["not a diga-fast checkpoint"]),
-        (["export", "--checkpoint", "{ckpt}", "--onnx", "{tmp}/missing/a.onnx"], ["missing", "does not exist"]),
+        (["export", "--checkpoint", "{ckpt}", "--onnx", "{tmp}/regular-file/a.onnx"], ["regular-file is not a folder"]),
         (["export", "--checkpoint", "{ckpt}"], ["nothing to export"]),
         (["export", "--checkpoint", "{ckpt}", "--pt2", "{tmp}/a.pt2", "--legacy"], ["--legacy", "--onnx"]),
         (["export", "--checkpoint", "{ckpt}", "--onnx", "{tmp}/a.onnx", "--opset", "17"], ["opset 18 or newer"]),
@@ -224,6 +224,7 @@ def test_legacy_exporter_and_a_failed_check_leaves_nothing(tmp_path, capsys, che
 )
 def test_bad_input_is_one_line(tmp_path, capsys, checkpoint, argv, fragments):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    (tmp_path / "regular-file").write_text("x")  # no folder can be made under it
     (tmp_path / "junk.onnx").write_bytes(b"this is not a protobuf at all \xff\xfe")
     identity = onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["image"], ["logits"])], "g",

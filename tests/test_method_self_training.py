@@ -153,3 +153,41 @@ def test_pseudo_labels_round_trip_and_mismatches_are_refused(tmp_path):
         PseudoLabelled(images, out, 19)
     with pytest.raises(DigaError, match="diga pseudo-label"):
         PseudoLabelled(images, tmp_path / "nowhere", 19)
+
+
+def test_score_upsampling_is_softmax_then_bilinear_then_argmax():
+    """The official order: softmax over classes of -distance at feature resolution, upsampled like the
+    logits (align_corners=True), argmax."""
+    torch.manual_seed(0)
+    features, centroids = torch.randn(1, 8, 5, 7), torch.randn(4, 8)
+    distance = torch.cdist(features.permute(0, 2, 3, 1).reshape(1, -1, 8), centroids[None]).permute(0, 2, 1).reshape(1, 4, 5, 7)
+    expected = F.interpolate(torch.softmax(-distance, 1), size=(17, 25), mode="bilinear", align_corners=True).argmax(1)
+    assert torch.equal(feature_labels(features, centroids, (17, 25), "l2", "scores"), expected)
+
+
+def test_consensus_loss_normalisers_and_ohem():
+    from types import SimpleNamespace
+
+    from diga_fast.method.consensus import consensus_labels, consensus_loss
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 6, 6)
+    prob, feat = torch.randint(0, 5, (2, 6, 6)), torch.randint(0, 5, (2, 6, 6))
+    target = consensus_labels(prob, feat)
+    train = SimpleNamespace(source_loss="ce", ohem_thresh=0.7, ohem_min_kept=4, ce_normalizer="valid")
+    torch.testing.assert_close(consensus_loss(logits, prob, feat, train), F.cross_entropy(logits, target, ignore_index=255))
+    train.ce_normalizer = "all"
+    summed = F.cross_entropy(logits, target, ignore_index=255, reduction="sum")
+    torch.testing.assert_close(consensus_loss(logits, prob, feat, train), summed / target.numel())
+    train.source_loss = "ohem"
+    from diga_fast.method.losses import ohem_cross_entropy
+
+    torch.testing.assert_close(consensus_loss(logits, prob, feat, train), ohem_cross_entropy(logits, target, 0.7, 4))
+
+
+def test_teacher_mode():
+    from diga_fast.method.ema import make_teacher
+
+    student = build_model("small", 19)
+    assert not make_teacher(student).training and make_teacher(student, "train").training
+    assert all(not p.requires_grad for p in make_teacher(student, "train").parameters())

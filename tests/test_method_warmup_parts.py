@@ -174,11 +174,16 @@ def test_ohem_all_ignore_and_the_recipe_switch():
     labels = torch.randint(0, 3, (1, 4, 4))
 
     class Train:
-        source_loss, ohem_thresh, ohem_min_kept = "ohem", 0.7, 3
+        source_loss, ohem_thresh, ohem_min_kept, ce_normalizer = "ohem", 0.7, 3, "valid"
 
     assert torch.equal(source_cross_entropy(logits, labels, Train), ohem_cross_entropy(logits, labels, 0.7, 3))
     Train.source_loss = "ce"
     assert torch.equal(source_cross_entropy(logits, labels, Train), segmentation_cross_entropy(logits, labels))
+    # the official normaliser: the sum over valid pixels divided by all pixels, ignored ones included
+    labels[0, 0] = 255
+    Train.ce_normalizer = "all"
+    summed = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, reduction="sum")
+    torch.testing.assert_close(source_cross_entropy(logits, labels, Train), summed / labels.numel())
 
 
 def test_fda_swaps_the_low_frequency_amplitude_only():

@@ -57,3 +57,67 @@ def test_bad_config_file(tmp_path):
         load_yaml(tmp_path / "list.yaml")
     with pytest.raises(DigaError, match="unknown preset"):
         preset_recipe("huge", "source")
+
+
+def test_paper_refuses_random_init_and_a_missing_translator():
+    from diga_fast.config import validate_recipe
+
+    warmup = preset_recipe("paper", "warmup", source="gta5:/x", target="cityscapes:/y")
+    assert warmup.translator.kind == "cyclegan"
+    with pytest.raises(DigaError, match="pass --pretrained FILE"):
+        validate_recipe(warmup)
+    warmup.model.pretrained = "none"  # on purpose: accepted (the stage prints why it is unusual)
+    with pytest.raises(DigaError, match="diga train translator"):
+        validate_recipe(warmup)
+    validate_recipe(apply_overrides(warmup, ["translator.kind=fda"]))
+    validate_recipe(apply_overrides(warmup, ["translator.kind=cyclegan", "translator.checkpoint=/runs/t"]))
+    self_stage = preset_recipe("paper", "self", source="gta5:/x", target="cityscapes:/y")  # starts from --init
+    validate_recipe(apply_overrides(self_stage, ["translator.checkpoint=/runs/t"]))
+    demo = preset_recipe("demo", "warmup")
+    assert demo.translator.kind == "fda" and validate_recipe(demo)
+
+
+def test_paper_takes_the_official_switches_demo_keeps_its_own():
+    paper = preset_recipe("paper", "self", source="gta5:/x")
+    assert (paper.train.ce_normalizer, paper.warmup.teacher_mode, paper.self_training.source_beta,
+            paper.self_training.feat_upsample) == ("all", "train", 0.3, "scores")
+    demo = preset_recipe("demo", "self")
+    assert (demo.train.ce_normalizer, demo.warmup.teacher_mode, demo.self_training.source_beta,
+            demo.self_training.feat_upsample) == ("valid", "eval", None, "nearest")
+    synthia = preset_recipe("paper", "warmup", source="synthia:/x")
+    assert synthia.data.batch_size == 4 and synthia.train.source_loss == "ohem"
+
+
+def test_self_training_inherits_the_init_runs_shared_fields():
+    from diga_fast.config import inherit_from_run
+
+    warmup = apply_overrides(preset_recipe("demo", "warmup"), ["translator.kind=cyclegan", "translator.checkpoint=/t",
+                                                                "data.crop=[64, 128]", "optim.lr=0.5"])
+    recipe = preset_recipe("demo", "self")
+    taken = inherit_from_run(recipe, warmup.to_dict())
+    assert recipe.translator.kind == "cyclegan" and recipe.data.crop == (64, 128)
+    assert recipe.optim.lr == preset_recipe("demo", "self").optim.lr  # not a shared field
+    assert "translator.kind=cyclegan" in taken and "data.crop=[64, 128]" in taken and not any("optim" in t for t in taken)
+
+
+def test_readme_fidelity_table_is_the_generated_one():
+    """Change a `paper` field and this fails until the README's table is regenerated (`diga recipe table`)."""
+    from pathlib import Path
+
+    from diga_fast.fidelity import fidelity_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = "<!-- fidelity-table:begin -->\n", "<!-- fidelity-table:end -->"
+    assert readme[readme.index(begin) + len(begin):readme.index(end)] == fidelity_table()
+
+
+def test_recipe_show_prints_the_resolved_recipe(capsys):
+    import yaml
+
+    from cli_helpers import run
+
+    code, stdout, err = run(capsys, "recipe", "show", "--preset", "paper", "--stage", "self", "train.iters=7")
+    assert code == 0, err
+    shown = yaml.safe_load(stdout)
+    assert shown["train"]["iters"] == 7 and shown["train"]["ce_normalizer"] == "all"
+    assert shown["translator"]["kind"] == "cyclegan" and shown["model"]["arch"] == "deeplabv2_r101"

@@ -93,10 +93,12 @@ def test_self_training_runs_and_resumes_exactly(tmp_path, capsys, monkeypatch, w
 
 def test_self_training_ablation_switches_run(tmp_path, capsys, warmup_run):
     """One run through the ablation path (which labels each mode hands the consensus CE is unit-tested
-    in test_method_self_training.py), with the official l2 metric and score upsampling."""
+    in test_method_self_training.py) with the official switches: l2, score upsampling, grouped student
+    forwards, train-mode teacher, all-pixel CE normaliser, β 0.3."""
     code, _, err = run(capsys, "train", "self", "--init", warmup_run, "--out", tmp_path / "r", "--iters", "1",
                        *TINY_STAGE, "self_training.labels=threshold", "self_training.metric=l2",
-                       "self_training.feat_upsample=scores")
+                       "self_training.feat_upsample=scores", "self_training.forward=grouped",
+                       "warmup.teacher_mode=train", "train.ce_normalizer=all", "self_training.source_beta=0.3")
     assert code == 0, err
 
 

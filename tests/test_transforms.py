@@ -172,3 +172,28 @@ def test_train_and_eval_transform_builders():
     assert eval_transform((12, 20))(image, label)[0].shape == (12, 20, 3)
     same_image, same_label = eval_transform(None)(image, label)
     assert same_image is image and same_label is label
+
+
+def test_resize_by_row_gives_each_batch_row_its_size():
+    """data.source_sizes=[[40,60,1],[50,70,2]]: row 0 of every batch at 40x60, rows 1-2 at 50x70, also
+    with worker processes and for a resumed loader."""
+    import numpy as np
+    import torch
+    from torch.utils.data import Dataset
+
+    from diga_fast.data.loader import InfiniteLoader
+    from diga_fast.data.transforms import ResizeByRow
+
+    class Shapes(Dataset):
+        resize = ResizeByRow([[40, 60, 1], [50, 70, 2]])
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, index):
+            image, _ = self.resize(np.zeros((30, 30, 3), np.uint8))
+            return torch.tensor(image.shape[:2])
+
+    for loader in (InfiniteLoader(Shapes(), 3, seed=1), InfiniteLoader(Shapes(), 3, seed=1, num_workers=2, start_step=4)):
+        for _ in range(3):
+            assert next(loader).tolist() == [[40, 60], [50, 70], [50, 70]]

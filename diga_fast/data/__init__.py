@@ -26,9 +26,11 @@ DATASET_KINDS = ("synthetic", "gta5", "synthia", "cityscapes")
 class DatasetSpec:
     kind: str
     root: str | None
+    list_file: str | None = None  # ``KIND:ROOT?list=FILE`` (GTA5, SYNTHIA): keep only the ids it names
 
     def __str__(self) -> str:
-        return self.kind if self.root is None else f"{self.kind}:{self.root}"
+        text = self.kind if self.root is None else f"{self.kind}:{self.root}"
+        return text if self.list_file is None else f"{text}?list={self.list_file}"
 
     @property
     def is_synthetic(self) -> bool:
@@ -44,11 +46,20 @@ def parse_dataset_spec(text: str) -> DatasetSpec:
         if sep and root not in ("source", "target"):
             raise DigaError(f"dataset {text!r}: the built-in pair takes no root (synthetic, synthetic:source or synthetic:target)")
         return DatasetSpec(kind, root or None)
+    root, _, query = root.partition("?")
+    list_file = None
+    if query:
+        key, _, list_file = query.partition("=")
+        if key != "list" or not list_file or kind == "cityscapes":
+            raise DigaError(f"dataset {text!r}: the only option is ?list=FILE, for gta5 and synthia "
+                            "(e.g. gta5:ROOT?list=train_modified.txt)")
+        if not Path(list_file).is_file():
+            raise DigaError(f"dataset {text!r}: list file not found: {list_file}")
     if not root:
         raise DigaError(f"dataset {text!r} needs a folder: {kind}:ROOT")
     if not Path(root).is_dir():
         raise DigaError(f"dataset folder not found: {root}")
-    return DatasetSpec(kind, root)
+    return DatasetSpec(kind, root, list_file)
 
 
 def build_dataset(
@@ -61,8 +72,10 @@ def build_dataset(
     with_labels: bool = True,
     synthetic_images: int = 1000,
     seed: int = 0,
+    skip_bad: bool = False,
 ) -> Dataset:
-    """The dataset ``spec`` names, for ``role`` ("source" or "target") and ``split`` ("train"/"val")."""
+    """The dataset ``spec`` names, for ``role`` ("source" or "target") and ``split`` ("train"/"val").
+    ``skip_bad``: leave out pairs whose image and label sizes differ (GTA5, SYNTHIA; see ``skipped``)."""
     spec = parse_dataset_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "synthetic":
         from diga_fast.data.synthetic import SyntheticDomain
@@ -77,10 +90,13 @@ def build_dataset(
         )
     from diga_fast.data import datasets
 
-    if spec.kind == "gta5":
-        return datasets.GTA5(spec.root, label_space=label_space, transform=transform, with_labels=with_labels)
-    if spec.kind == "synthia":
-        return datasets.Synthia(spec.root, label_space=label_space, transform=transform, with_labels=with_labels)
+    if spec.kind in ("gta5", "synthia"):
+        kind = datasets.GTA5 if spec.kind == "gta5" else datasets.Synthia
+        dataset = kind(spec.root, label_space=label_space, transform=transform, with_labels=with_labels,
+                       list_file=spec.list_file)
+        if skip_bad and with_labels:
+            dataset.drop_mismatched()
+        return dataset
     return datasets.Cityscapes(
         spec.root, split=split, label_space=label_space, transform=transform, with_labels=with_labels
     )

@@ -3,6 +3,8 @@ the target val split, and the untransformed target train split (pseudo-labels an
 
 from __future__ import annotations
 
+import sys
+
 from torch.utils.data import Dataset
 
 from diga_fast.data import build_dataset
@@ -19,13 +21,17 @@ def source_train_dataset(recipe: Recipe, label_space: LabelSpace, translated: bo
     cropped and flipped the same way (``"translated"``)."""
     data = recipe.data
     transform = train_transform(
-        resize=data.source_resize, crop=data.crop, scale=data.source_scale, flip=True, content_retry=data.content_retry
+        resize=data.source_resize, crop=data.crop, scale=data.source_scale, flip=True, content_retry=data.content_retry,
+        sizes=data.source_sizes,
     )
     dataset = build_dataset(
         data.source, role="source", split="train", label_space=label_space, transform=transform,
-        synthetic_images=data.synthetic_train_images, seed=recipe.train.seed,
+        synthetic_images=data.synthetic_train_images, seed=recipe.train.seed, skip_bad=data.skip_bad,
     )
-    check_crop(dataset, data.crop, data.source_resize, data.source_scale, "source")
+    if getattr(dataset, "skipped", None):
+        print(f"data.skip_bad: left out {len(dataset.skipped)} source images whose label has another size "
+              f"(first: {dataset.skipped[0]})", file=sys.stderr)
+    check_crop(dataset, data.crop, _largest(data.source_sizes) or data.source_resize, data.source_scale, "source")
     if translated and recipe.translator.kind == "folder":
         if not recipe.translator.folder:
             raise DigaError("translator.kind=folder needs translator.folder=DIR (one translated image per source image)")
@@ -33,17 +39,27 @@ def source_train_dataset(recipe: Recipe, label_space: LabelSpace, translated: bo
     return dataset
 
 
+def target_transform(recipe: Recipe):
+    """The target's training crops: resize (or a size per batch row), flip, rescale-and-crop."""
+    data = recipe.data
+    return train_transform(resize=data.target_resize, crop=data.crop, scale=data.target_scale, flip=True,
+                           content_retry=False, sizes=data.target_sizes)
+
+
 def target_train_dataset(recipe: Recipe, label_space: LabelSpace) -> Dataset:
     """Unlabelled target training crops (the FDA translator's style images)."""
     data = recipe.data
-    transform = train_transform(resize=data.target_resize, crop=data.crop, scale=data.target_scale, flip=True,
-                                content_retry=False)
+    transform = target_transform(recipe)
     dataset = build_dataset(
         data.target, role="target", split="train", label_space=label_space, transform=transform,
         with_labels=False, synthetic_images=data.synthetic_train_images, seed=recipe.train.seed,
     )
-    check_crop(dataset, data.crop, data.target_resize, data.target_scale, "target")
+    check_crop(dataset, data.crop, _largest(data.target_sizes) or data.target_resize, data.target_scale, "target")
     return dataset
+
+
+def _largest(sizes) -> tuple[int, int] | None:
+    return None if not sizes else max(((h, w) for h, w, _ in sizes), key=lambda hw: hw[0] * hw[1])
 
 
 def check_crop(dataset: Dataset, crop, resize, scale, role: str) -> None:
@@ -67,7 +83,15 @@ def target_val_dataset(recipe: Recipe, label_space: LabelSpace) -> Dataset:
 
 
 def target_images(recipe: Recipe, label_space: LabelSpace) -> Dataset:
-    """The target train split without transform (what pseudo-labels and centroids are made on); its
-    labels, where it has them, only measure the pseudo-labels."""
-    return build_dataset(recipe.data.target, role="target", split="train", label_space=label_space, transform=None,
-                         with_labels=True, synthetic_images=recipe.data.synthetic_train_images, seed=recipe.train.seed)
+    """The target train split without transform (what pseudo-labels and centroids are made on). Its
+    ground truth, where the folder has it, only measures the pseudo-labels (never trained on); without
+    it (e.g. no ``gtFine/train``) the split loads unlabelled and label quality reports the kept share only."""
+    def build(with_labels: bool) -> Dataset:
+        return build_dataset(recipe.data.target, role="target", split="train", label_space=label_space, transform=None,
+                             with_labels=with_labels, synthetic_images=recipe.data.synthetic_train_images,
+                             seed=recipe.train.seed)
+
+    try:
+        return build(True)
+    except DigaError:
+        return build(False)  # raises again if the images themselves are the problem

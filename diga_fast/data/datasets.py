@@ -311,6 +311,7 @@ class _FlatPairs(SegmentationDataset):
     """``root/<image_dir>/NAME.png`` with labels at ``root/<label_dir>/NAME.png`` (GTA5, SYNTHIA)."""
 
     image_dir = label_dir = ""
+    hint = " (data.skip_bad=true leaves such pairs out; KIND:ROOT?list=FILE keeps only the ids a list names)"
 
     def __init__(self, root, split, label_space, transform, with_labels, list_file, val_every):
         root = Path(root)
@@ -341,6 +342,24 @@ class _FlatPairs(SegmentationDataset):
                    for n in names]
         super().__init__(samples, label_space, transform, with_labels)
         self.root = root
+        self.skipped: list[str] = []
+
+    def drop_mismatched(self) -> None:
+        """Leave out the pairs whose image and label sizes differ (read from the file headers; GTA5 has
+        about 6,900 such ids, the ones the official ``train_modified.txt`` leaves out); their names go
+        to ``skipped``."""
+        def size(path: Path) -> tuple[int, int] | None:
+            try:
+                with Image.open(path) as handle:
+                    return handle.size
+            except Exception:  # noqa: BLE001 - an unreadable file fails later with its own message
+                return None
+
+        kept = [s for s in self.samples if size(s.image) == size(s.label)]
+        self.skipped += [s.name for s in self.samples if s not in kept]
+        if not kept:
+            raise DigaError(f"every one of the {len(self.samples)} {self.kind} images has a label of another size")
+        self.samples = kept
 
 
 class GTA5(_FlatPairs):

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from diga_fast.data.transforms import at_batch_row
+
 from diga_fast.utils import dist
 
 __all__ = ["InfiniteLoader", "SeededSamples", "seed_worker", "sample_seed", "epoch_order"]
@@ -76,8 +78,9 @@ def _torch_seeded(seed: int):
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset: ``self[(index, seed)]`` reads ``dataset[index]`` with torch's RNG seeded by
-    ``seed``; ``self[index]`` reads it unseeded. Other attributes are looked up on the dataset."""
+    """Wraps a dataset: ``self[(index, seed, row)]`` reads ``dataset[index]`` with torch's RNG seeded by
+    ``seed``, as row ``row`` of its batch (for :class:`~diga_fast.data.transforms.ResizeByRow`);
+    ``self[index]`` reads it unseeded. Other attributes are looked up on the dataset."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -87,8 +90,8 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
-            index, seed = key
-            with _torch_seeded(seed):
+            index, seed, row = key
+            with _torch_seeded(seed), at_batch_row(row):
                 return self.dataset[index]
         return self.dataset[key]
 
@@ -118,7 +121,7 @@ class _StreamBatchSampler(Sampler):
                 if p // self.n != epoch:
                     epoch = p // self.n
                     order = epoch_order(self.n, epoch, self.seed, self.shuffle).tolist()
-                batch.append((order[p % self.n], sample_seed(self.seed, p)))
+                batch.append((order[p % self.n], sample_seed(self.seed, p), len(batch)))
             position += stride
             yield batch
 

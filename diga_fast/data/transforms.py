@@ -16,7 +16,8 @@ filter that redraws the random part up to 5 times; :func:`train_transform` build
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -102,6 +103,34 @@ class Resize:
 
     def __repr__(self) -> str:
         return f"Resize({self.size})"
+
+
+_batch_row = [0]  # the row of the batch being loaded (set by the loader, see ResizeByRow)
+
+
+@contextmanager
+def at_batch_row(row: int) -> Iterator[None]:
+    """Tell row-dependent transforms (:class:`ResizeByRow`) which row of its batch a sample fills."""
+    previous, _batch_row[0] = _batch_row[0], row
+    try:
+        yield
+    finally:
+        _batch_row[0] = previous
+
+
+class ResizeByRow:
+    """The official loaders' batches of several sizes: ``sizes`` = ((height, width, count), ...) gives
+    the first ``count`` rows of a batch the first size, the next rows the next size (e.g. GTA5: 1 image
+    at 720x1280 and 2 at 1052x1914). The row comes from the loader (:func:`at_batch_row`)."""
+
+    def __init__(self, sizes: Sequence[Sequence[int]]):
+        self.sizes = [Resize((h, w)) for h, w, count in sizes for _ in range(count)]
+
+    def __call__(self, image: np.ndarray, label: Label = None) -> tuple[np.ndarray, Label]:
+        return self.sizes[_batch_row[0] % len(self.sizes)](image, label)
+
+    def __repr__(self) -> str:
+        return f"ResizeByRow({[r.size for r in self.sizes]})"
 
 
 class RandomScaleCrop:
@@ -218,8 +247,10 @@ def train_transform(
     scale: Sequence[float] | None = (0.7, 1.0),
     flip: bool = True,
     content_retry: bool = True,
+    sizes: Sequence[Sequence[int]] | None = None,
 ) -> Compose:
-    """The official training pipeline: optional fixed resize (bicubic), then the random part (flip,
+    """The official training pipeline: optional fixed resize (bicubic; ``sizes``: a size per batch row,
+    :class:`ResizeByRow`, instead), then the random part (flip,
     then :class:`RandomScaleCrop` when ``scale`` is given, else :class:`RandomCrop`), the random part
     wrapped in :class:`ContentRetry` when ``content_retry``. The resize runs once, outside the
     retry loop, since it is deterministic."""
@@ -230,7 +261,7 @@ def train_transform(
     random: Transform = Compose(random_part)
     if content_retry:
         random = ContentRetry(random)
-    steps: list[Transform] = [Resize(resize)] if resize is not None else []
+    steps: list[Transform] = [ResizeByRow(sizes)] if sizes else [Resize(resize)] if resize is not None else []
     return Compose([*steps, random])
 
 

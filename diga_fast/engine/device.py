@@ -41,15 +41,30 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+class SeparateForwards(torch.nn.Module):
+    """``model`` run once per input batch inside one call: ``(x_a, x_b) -> (model(x_a), model(x_b))``.
+    BatchNorm then normalises each group with its own statistics (the official self-training), and
+    under DDP a step is still one forward of the wrapped module (two DDP forwards before one backward
+    are not allowed)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *batches: torch.Tensor) -> tuple:
+        return tuple(self.model(batch) for batch in batches)
+
+
 def training_forward(model: SegmentationModel, recipe: Recipe, device: torch.device,
-                     *others: torch.nn.Module) -> torch.nn.Module:
+                     *others: torch.nn.Module, separate: bool = False) -> torch.nn.Module:
     """What a stage calls for the training forward pass of ``model``: channels_last (also applied to
     ``others``, e.g. the EMA teacher) when ``train.channels_last``, DistributedDataParallel under
-    torchrun, ``torch.compile`` when ``train.compile``. Weights stay those of ``model``."""
+    torchrun, ``torch.compile`` when ``train.compile``; ``separate``: a :class:`SeparateForwards` of it.
+    Weights stay those of ``model``."""
     if recipe.train.channels_last:
         for module in (model, *others):
             module.to(memory_format=torch.channels_last)
-    trained = dist.wrap(model, device)
+    trained = dist.wrap(SeparateForwards(model) if separate else model, device)
     if recipe.train.compile:
         trained = torch.compile(trained, backend=recipe.train.compile_backend)
     return trained

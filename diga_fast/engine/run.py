@@ -9,6 +9,7 @@ checkpoint behind. Under torchrun only rank 0 writes.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -203,7 +204,23 @@ class TrainingRun:
         if step % cfg.save_every == 0:
             self.save(step, modules, optimizer, extras() if self.is_main else None)
         if cfg.eval_every and step % cfg.eval_every == 0:
-            self.log(step, **scalar_metrics(evaluate()))
+            summary = evaluate()
+            self.log(step, **scalar_metrics(summary))
+            self.keep_if_best(step, summary, modules)
+
+    def keep_if_best(self, step: int, summary: dict, modules: dict[str, SegmentationModel]) -> None:
+        """``train.select_on_val`` (the official model selection, on target-val labels): the weights of
+        the best target-val mIoU so far go to ``best/`` with ``best/eval.json`` (its step); later stages
+        and commands given the run folder take ``best/``."""
+        if not (self.recipe.train.select_on_val and self.is_main) or summary.get("miou") is None:
+            return
+        best = self.dir / "best"
+        if (best / "eval.json").is_file() and json.loads((best / "eval.json").read_text())["miou"] >= summary["miou"]:
+            return
+        best.mkdir(exist_ok=True)
+        for name, module in modules.items():
+            save_weights(best / f"{name}.safetensors", module, self.recipe.data.label_space, self.recipe.digest())
+        write_json(best / "eval.json", {**summary, "step": step})
 
     def finish(self, modules: dict[str, SegmentationModel], optimizer: torch.optim.Optimizer | None,
                extras: dict[str, Any] | None, evaluate: Callable[[], dict]) -> dict:
@@ -222,6 +239,7 @@ class TrainingRun:
             raise DigaError(f"the final evaluation failed ({what}); the weights of step {step} are saved in "
                             f"{self.dir}: evaluate them with `diga eval --checkpoint {self.dir}`") from None
         self.log(step, **scalar_metrics(summary))
+        self.keep_if_best(step, summary, modules)
         self.write_json("eval.json", summary)
         self.close()
         return summary

@@ -37,6 +37,7 @@ from diga_fast.export.wrapper import (
     weight_bytes,
 )
 from diga_fast.models import SegmentationModel
+from diga_fast.utils.io import folder_problem, make_parent
 
 FORMATS = ("onnx", "torchscript", "pt2")
 
@@ -56,13 +57,14 @@ class ExportResult:
 
 
 def check_output_path(path: str | Path, option: str) -> Path:
+    """``path`` as a file that can be written: not a folder, in a folder that exists or can be created
+    (it is, with its parents, when the file is written)."""
     path = Path(path)
     if path.is_dir():
         raise DigaError(f"{option} {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise DigaError(f"{option} {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise DigaError(f"{option} {path}: folder {path.parent} is not writable")
+    problem = folder_problem(path.parent)
+    if problem:
+        raise DigaError(f"{option} {path}: {problem}")
     return path
 
 
@@ -94,6 +96,11 @@ def export_model(
     if legacy and opset > 20:
         raise DigaError(f"--opset {opset}: the legacy exporter writes opset 20 at most")
 
+    for path in paths.values():
+        try:
+            make_parent(path)
+        except OSError as err:
+            raise DigaError(f"cannot create folder {path.parent}: {err.strerror or err}") from None
     model = model.cpu().eval()
     reference = InferenceWrapper(model)  # fp32 logits: what every export is compared with
     wrapper = InferenceWrapper(model, argmax=argmax, fp16=fp16)

@@ -40,19 +40,24 @@ def agreement_labels(logits: torch.Tensor, labels: torch.Tensor | None) -> torch
 
 @torch.no_grad()
 def initial_centroids(model: SegmentationModel, dataset: Dataset, device: torch.device, batch_size: int = 1,
-                      num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      num_workers: int = 0, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(centroids [K, D] float32, pixel counts [K] int64) over ``dataset`` (images only). Under
-    torchrun each rank reads every world-th image and the sums and counts are summed over ranks."""
+    torchrun each rank reads every world-th image and the sums and counts are summed over ranks.
+    ``progress(done, total)`` is called after each batch (images done over all ranks, about)."""
     model.eval()
     sums = torch.zeros(model.num_classes, model.feature_dim, device=device, dtype=torch.float64)
     counts = torch.zeros(model.num_classes, device=device, dtype=torch.int64)
     info = dist.current()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world))
+    done = 0
     for batch in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
         logits, features = model(batch["image"].to(device))
         batch_sums, batch_counts = class_feature_sums(features, agreement_labels(logits, None), model.num_classes)
         sums += batch_sums.sum(0).double()
         counts += batch_counts.sum(0)
+        done += batch["image"].shape[0]
+        if progress is not None:
+            progress(min(len(dataset), done * info.world), len(dataset))
     dist.all_reduce_sum(sums)
     dist.all_reduce_sum(counts)
     centroids = sums / counts.clamp(min=1).unsqueeze(1)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from diga_fast.data.labels import IGNORE_INDEX
 from diga_fast.kernels import assign_centroids, consensus_cross_entropy
+from diga_fast.method.losses import all_pixel_mean, source_cross_entropy
 from diga_fast.models import upsample_to
 from diga_fast.utils import dist
 
@@ -26,14 +27,15 @@ def feature_labels(features: torch.Tensor, centroids: torch.Tensor, size: tuple[
     if upsample == "nearest":
         labels, _ = assign_centroids(features, centroids, metric=metric)
         return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
-    # "scores": upsample per-class similarity (or -distance) maps, then argmax (the official order)
+    # "scores" (the official order): softmax over the classes of the similarity (or -distance) at
+    # feature resolution, upsampled bilinearly like the logits, then argmax
     f = features.float()
     if metric == "cosine":
         scores = torch.einsum("bchw,kc->bkhw", F.normalize(f, dim=1), F.normalize(centroids.float(), dim=1))
     else:
         scores = -torch.cdist(f.permute(0, 2, 3, 1).flatten(1, 2), centroids.float()[None]).permute(0, 2, 1)
         scores = scores.reshape(f.shape[0], -1, *f.shape[-2:])
-    return upsample_to(scores, size).argmax(1)
+    return upsample_to(torch.softmax(scores, dim=1), size).argmax(1)
 
 
 def target_labels(mode: str, prob: torch.Tensor, feat: torch.Tensor, confidence: torch.Tensor,
@@ -54,11 +56,18 @@ def consensus_labels(prob: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
     return torch.where(prob == feat, prob, torch.full_like(prob, IGNORE_INDEX))
 
 
-def consensus_loss(logits: torch.Tensor, prob: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-    """CE(logits at label size, y_prob) over the pixels where y_prob == y_feat (and not ignored); under
-    torchrun the mean runs over the agreeing pixels of every rank."""
-    loss = consensus_cross_entropy(upsample_to(logits, prob.shape[-2:]), prob, feat)
-    return dist.global_mean(loss, lambda: ((prob == feat) & (prob != IGNORE_INDEX)).sum())
+def consensus_loss(logits: torch.Tensor, prob: torch.Tensor, feat: torch.Tensor, train) -> torch.Tensor:
+    """CE(logits at label size, y_prob) over the pixels where y_prob == y_feat (and not ignored), through
+    the fused kernel; averaged as ``train.ce_normalizer`` says; with ``train.source_loss="ohem"`` (the
+    official SYNTHIA recipe) OHEM over those pixels instead. Under torchrun the mean runs over every rank."""
+    logits = upsample_to(logits, prob.shape[-2:])
+    if train.source_loss == "ohem":
+        return source_cross_entropy(logits, consensus_labels(prob, feat), train)
+    agree = lambda: ((prob == feat) & (prob != IGNORE_INDEX)).sum()  # noqa: E731
+    loss = consensus_cross_entropy(logits, prob, feat)
+    if train.ce_normalizer == "all":
+        return dist.global_mean(all_pixel_mean(loss, agree(), prob), lambda: torch.tensor(prob.numel()))
+    return dist.global_mean(loss, agree)
 
 
 def label_quality(consensus: torch.Tensor, truth: torch.Tensor, **sources: torch.Tensor) -> dict[str, torch.Tensor]:

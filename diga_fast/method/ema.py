@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 
-def make_teacher(student: nn.Module) -> nn.Module:
+def make_teacher(student: nn.Module, mode: str = "eval") -> nn.Module:
+    """A frozen copy of ``student`` whose forward runs in ``mode``: ``eval`` (running BN statistics, no
+    dropout) or ``train`` (batch statistics, dropout on: the official teacher)."""
     teacher = copy.deepcopy(student)
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    return teacher.eval()
+    return teacher.train(mode == "train")
 
 
 def ema_alpha(step: int, max_alpha: float = 0.999) -> float:

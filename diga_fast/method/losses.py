@@ -48,12 +48,23 @@ def ohem_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, thresh: float
 
 
 def source_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, train) -> torch.Tensor:
-    """The supervised source loss the recipe names (``train.source_loss``): ``ce`` or ``ohem``. Under
+    """The supervised source loss the recipe names (``train.source_loss``): ``ce`` or ``ohem``; CE
+    averaged over valid pixels or, ``train.ce_normalizer="all"`` (official), over all pixels. Under
     torchrun the mean runs over the pixels of every rank (:func:`diga_fast.utils.dist.global_mean`)."""
     if train.source_loss == "ohem":
         kept = _ohem_kept_losses(logits, labels, train.ohem_thresh, train.ohem_min_kept)
         return dist.global_mean(_mean_or_zero(kept, logits), lambda: torch.tensor(kept.numel()))
-    return dist.global_mean(segmentation_cross_entropy(logits, labels), lambda: (labels != IGNORE_INDEX).sum())
+    valid = lambda: (labels != IGNORE_INDEX).sum()  # noqa: E731
+    loss = segmentation_cross_entropy(logits, labels)
+    if train.ce_normalizer == "all":
+        return dist.global_mean(all_pixel_mean(loss, valid(), labels), lambda: torch.tensor(labels.numel()))
+    return dist.global_mean(loss, valid)
+
+
+def all_pixel_mean(valid_mean: torch.Tensor, valid_count: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A mean over the valid pixels turned into the official normaliser: the sum over all pixels of
+    ``labels``, ignored ones included (no host synchronisation)."""
+    return valid_mean * valid_count.to(valid_mean.dtype) / labels.numel()
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -62,6 +62,7 @@ from diga_fast.models.base import SegmentationModel
 from diga_fast.utils.io import torch_load_error
 
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # on the 0..255 scale
+IMAGENET_MEAN_RGB, IMAGENET_STD_RGB = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's input
 CAFFE_SCALE = 128.0
 BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 ASPP_DILATIONS = (6, 12, 18, 24)
@@ -256,7 +257,8 @@ def load_backbone_weights(model: DeepLabV2, path: str | Path) -> None:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise DigaError(f"{path} is not a ResNet state dict (expected a dict of name -> tensor)")
-    if all(k.startswith("Scale.") for k in state):  # the Caffe-converted DeepLab checkpoint
+    torchvision = not all(k.startswith("Scale.") for k in state)
+    if not torchvision:  # the Caffe-converted DeepLab checkpoint: reads Caffe BGR input as this model does
         state = {k[len("Scale."):]: v for k, v in state.items() if not k.startswith("Scale.layer5.")}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
 
@@ -281,7 +283,29 @@ def load_backbone_weights(model: DeepLabV2, path: str | Path) -> None:
     if unexpected:
         raise problem(f"unexpected key {unexpected[0]}")
 
+    if torchvision:
+        state = fold_torchvision_input(state)
     with torch.no_grad():
         for key, tensor in expected.items():
             if key in state:
                 tensor.copy_(state[key])
+
+
+def fold_torchvision_input(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision ResNet's conv1 reads RGB ``u_c = (x_c - m_c) / s_c`` (ImageNet mean and std, x in
+    [0, 1]); this model feeds it Caffe BGR ``z_(2-c) = (255 x_c - M_c) / 128``. So
+    ``u_c = a_c z_(2-c) + d_c`` with ``a_c = 128 / (255 s_c)`` and ``d_c = (M_c / 255 - m_c) / s_c``:
+    the channel order and the scale ``a_c`` fold into conv1's weights, and the constant ``d_c`` gives
+    each output channel o of conv1 the offset ``k_o = sum_c d_c sum_(kh,kw) W[o, c]``, which moves into
+    bn1's running mean (``bn1(y + k)`` with mean ``mu`` = ``bn1(y)`` with mean ``mu - k``; in training
+    mode batch statistics remove it anyway). Exact except within conv1's 3-pixel padding at the image
+    border, where zero padding means a different colour in the two normalisations."""
+    weight = state["conv1.weight"].double()
+    caffe_rgb = torch.tensor(CAFFE_MEAN_BGR[::-1], dtype=torch.float64)
+    mean, std = torch.tensor(IMAGENET_MEAN_RGB, dtype=torch.float64), torch.tensor(IMAGENET_STD_RGB, dtype=torch.float64)
+    scale, offset = CAFFE_SCALE / (255.0 * std), (caffe_rgb / 255.0 - mean) / std
+    folded = dict(state)
+    folded["conv1.weight"] = (weight * scale.view(1, 3, 1, 1)).flip(1).to(state["conv1.weight"].dtype)
+    shift = (weight.sum((2, 3)) * offset.view(1, 3)).sum(1)
+    folded["bn1.running_mean"] = (state["bn1.running_mean"].double() - shift).to(state["bn1.running_mean"].dtype)
+    return folded

@@ -12,6 +12,8 @@ Every file is written atomically; every bad file is one :class:`DigaError` line.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -80,11 +82,19 @@ def save_weights(path: Path, model: SegmentationModel, label_space: str, recipe_
 
 
 def resolve_weights(run_or_file: str | Path) -> Path:
+    """The weight file of a run folder (its ``best/`` when ``train.select_on_val`` kept one, said on
+    stderr), or the file itself."""
     path = Path(run_or_file)
     if path.is_dir():
-        for name in WEIGHT_FILES:
-            if (path / name).is_file():
-                return path / name
+        best = path / "best"
+        for folder in (best, path):
+            for name in WEIGHT_FILES:
+                if (folder / name).is_file():
+                    if folder == best:
+                        chosen = json.loads((best / "eval.json").read_text()) if (best / "eval.json").is_file() else {}
+                        print(f"{path}: using best/ (step {chosen.get('step', '?')}, target-val mIoU "
+                              f"{chosen.get('miou', float('nan')):.2f}, kept by train.select_on_val)", file=sys.stderr)
+                    return folder / name
         raise DigaError(f"{path} holds no model weights ({' or '.join(WEIGHT_FILES)})")
     if not path.exists():
         raise DigaError(f"checkpoint not found: {path}")

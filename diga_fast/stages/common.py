@@ -32,7 +32,7 @@ from diga_fast.data.build import target_val_dataset
 from diga_fast.data.labels import get_label_space
 from diga_fast.data.loader import InfiniteLoader
 from diga_fast.engine.device import resolve_device, seed_everything
-from diga_fast.engine.logging import console
+from diga_fast.engine.logging import console, progress_callback
 from diga_fast.engine.optim import build_optimizer, set_poly_lr
 from diga_fast.engine.run import TrainingRun, load_state
 from diga_fast.inference import evaluate_on_target
@@ -107,7 +107,12 @@ class Stage:
         with the recipe's dropout and BatchNorm options."""
         recipe = self.recipe
         if model is None:
-            model = build_model(recipe.model.arch, self.label_space.num_classes, recipe.model.pretrained)
+            pretrained = recipe.model.pretrained
+            if pretrained == "none":
+                console.print(f"[yellow]warning: model.pretrained=none: {recipe.model.arch} starts from random "
+                              "weights; DiGA's results assume ImageNet-initialised backbones[/yellow]")
+                pretrained = None
+            model = build_model(recipe.model.arch, self.label_space.num_classes, pretrained)
         model = model.to(self.device)
         model.set_training_options(recipe.model.dropout, recipe.model.freeze_bn_stats)
         return model
@@ -155,7 +160,8 @@ class Stage:
         self._tick(done, **values)
 
     def evaluate(self, model: SegmentationModel) -> dict:
-        return evaluate_on_target(model, self.recipe, self.label_space, self.device)
+        with progress_callback("eval") as progress:
+            return evaluate_on_target(model, self.recipe, self.label_space, self.device, progress=progress)
 
     def finish(self, model: SegmentationModel, modules: dict[str, SegmentationModel], optimizer: torch.optim.Optimizer,
                extras: dict[str, Any] | None = None) -> dict:

@@ -1,5 +1,7 @@
 """``diga demo``: the whole pipeline on the built-in pair, one sub-folder per stage, one table at
-the end (also ``summary.json``: ``{"stages": {name: target-val mIoU in percent}, ...}``):
+the end (also ``summary.json``: ``{"stages": {name: target-val mIoU in percent}, "seconds": {name: s},
+"total_seconds", "final_checkpoint", "onnx": path, "onnx_check": {"max_abs_logit_diff",
+"argmax_agreement", ...}}``; every argument is checked before the first stage starts):
 
     source_only -> warmup -> pseudo-labels + centroids -> self_training round 1 -> round 2 -> eval
     -> ONNX export (verified in ONNX Runtime)
@@ -15,15 +17,17 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from diga_fast.config import Recipe, apply_overrides, preset_recipe, validate_recipe
 from diga_fast.data.labels import get_label_space
+from diga_fast.engine.device import resolve_device
 from diga_fast.errors import DigaError
 from diga_fast.models.io import load_model
 from diga_fast.stages.self_training import train_self_rounds
 from diga_fast.stages.source_only import train_source
 from diga_fast.stages.warmup import train_warmup
-from diga_fast.utils.io import write_json
+from diga_fast.utils.io import folder_problem, write_json
 
 console = Console(stderr=True)
 
@@ -36,14 +40,24 @@ def demo_recipe(stage: str, seed: int, overrides: tuple[str, ...] = ()) -> Recip
 
 def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: bool = False,
              rounds: int = 2, overrides: tuple[str, ...] = (), export: bool = True) -> dict:
+    begin = time.perf_counter()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DigaError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise DigaError(f"--out {out} is not empty; choose a new folder for the demo")
+    if problem := folder_problem(out):
+        raise DigaError(f"--out {out}: {problem}")
+    for kind in ("source", "warmup", "self"):  # every KEY=VALUE checked before the first stage prints
+        demo_recipe(kind, seed, overrides)
+    resolve_device(device)
     stages: dict[str, float] = {}
     seconds: dict[str, float] = {}
 
-    def stage(name: str, description: str, fn) -> dict:
-        console.rule(f"[bold]{description}")
+    def stage(name: str, header: str, description: str, fn) -> dict:
+        """A short header line (it fits 80 columns), then what the stage does (wrapped between words)."""
+        console.rule(f"[bold]{header}")
+        console.print(description, highlight=False)
         start = time.perf_counter()
         summary = fn(out / name)
         seconds[name] = round(time.perf_counter() - start, 1)
@@ -51,44 +65,57 @@ def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: 
         console.print(f"{name}: target val mIoU {summary['miou']:.2f} ({seconds[name]:.0f} s)")
         return summary
 
-    stage("source_only", "source-only: supervised on the rendered source",
+    stage("source_only", "source-only", "supervised on the rendered source",
           lambda d: train_source(demo_recipe("source", seed, overrides), d, device))
     if oracle:
         oracle_recipe = demo_recipe("source", seed, overrides)
         oracle_recipe.data.source = "synthetic:target"
-        stage("oracle", "oracle: supervised on the target's labels (upper bound)",
+        stage("oracle", "oracle", "supervised on the target's labels (the upper bound)",
               lambda d: train_source(oracle_recipe, d, device))
-    stage("warmup", "warm-up: CE + distillation between the clean and the CrDoMix view",
+    stage("warmup", "warm-up", "CE + distillation between the clean and the CrDoMix view",
           lambda d: train_warmup(demo_recipe("warmup", seed, overrides), d, device))
     self_recipe = demo_recipe("self", seed, overrides)
     for r in range(1, rounds + 1):
         init = out / "warmup" if r == 1 else out / f"self_training_round{r - 1}"
-        stage(f"self_training_round{r}",
-              f"self-training round {r}: probability labels + centroids from {init.name}, bilateral consensus",
+        stage(f"self_training_round{r}", f"self-training round {r}",
+              f"probability labels + centroids from {init.name}, bilateral consensus",
               lambda d, init=init: train_self_rounds(copy.deepcopy(self_recipe), d, init, rounds=1, device=device))
 
     final = out / (f"self_training_round{rounds}" if rounds else "warmup")
-    exported = None
-    if export:
-        exported = export_final(final, out / "model.onnx")
+    exported = export_final(final, out / "model.onnx") if export else None
 
-    summary = {"stages": stages, "seconds": seconds, "final_checkpoint": str(final),
-               "onnx": str(exported) if exported else None}
+    total = round(time.perf_counter() - begin, 1)
+    summary = {"stages": stages, "seconds": seconds, "total_seconds": total, "final_checkpoint": str(final),
+               "onnx": str(exported.path) if exported else None,
+               "onnx_check": onnx_check(exported.parity) if exported else None}
     write_json(out / "summary.json", summary)
-    table = Table(title="diga demo: target val mIoU per stage (built-in pair, small CPU model)")
+    Console().print(Text("diga demo: target val mIoU per stage (built-in pair, small CPU model)", style="bold"))
+    table = Table()
     table.add_column("stage")
     table.add_column("mIoU %", justify="right")
     table.add_column("time s", justify="right")
     for name, miou in stages.items():
         table.add_row(name, f"{miou:.2f}", f"{seconds[name]:.0f}")
+    table.add_section()
+    table.add_row("total", "", f"{total:.0f}")
     Console().print(table)
     if exported:
-        Console().print(f"exported the final student to {exported} (checked in ONNX Runtime)")
+        Console().print(f"exported the final student to {exported.path} (checked in ONNX Runtime: "
+                        f"max |Δlogit| {exported.parity.max_abs_error:.1e}, argmax agreement "
+                        f"{100 * exported.parity.agreement:.2f} %)", highlight=False, markup=False)
     return summary
 
 
-def export_final(checkpoint: Path, onnx_path: Path) -> Path | None:
-    """ONNX export of the final student when the exporter and ONNX Runtime are installed."""
+def onnx_check(parity) -> dict:
+    """The figures of the ONNX Runtime check (:class:`diga_fast.export.verify.Parity`) for ``summary.json``."""
+    return {"max_abs_logit_diff": parity.max_abs_error, "tolerance": parity.tolerance,
+            "argmax_agreement": parity.agreement, "strict_argmax_agreement": parity.strict_agreement,
+            "shapes": [list(shape) for shape in parity.shapes], "ok": parity.ok}
+
+
+def export_final(checkpoint: Path, onnx_path: Path):
+    """ONNX export of the final student when the exporter and ONNX Runtime are installed: its
+    :class:`diga_fast.export.api.ExportResult` (path, parity figures), or None."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError as err:
@@ -96,8 +123,11 @@ def export_final(checkpoint: Path, onnx_path: Path) -> Path | None:
         return None
     from diga_fast.export import export_model
 
-    console.rule("[bold]export: ONNX, verified in ONNX Runtime")
+    console.rule("[bold]export")
+    console.print("ONNX, verified in ONNX Runtime", highlight=False)
     model, meta = load_model(checkpoint)
-    for result in export_model(model, get_label_space(meta["label_space"]), {"onnx": onnx_path}, checkpoint_meta=meta):
-        console.print(result.summary())
-    return onnx_path
+    with console.status("exporting (torch.export, then ONNX Runtime on two other input sizes)"):  # one call, no count
+        results = export_model(model, get_label_space(meta["label_space"]), {"onnx": onnx_path}, checkpoint_meta=meta)
+    for result in results:
+        console.print(result.summary(), highlight=False, markup=False)
+    return results[0]

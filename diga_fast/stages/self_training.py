@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 
 from diga_fast.config import Recipe
-from diga_fast.data.build import source_train_dataset, target_images, target_train_dataset
-from diga_fast.data.transforms import train_transform
+from diga_fast.data.build import source_train_dataset, target_images, target_train_dataset, target_transform
 from diga_fast.engine.device import autocast, training_forward
-from diga_fast.engine.logging import console, save_grid
+from diga_fast.engine.logging import console, progress_callback, save_grid
 from diga_fast.engine.optim import backward_step
 from diga_fast.errors import DigaError
 from diga_fast.kernels import crdomix_blend
@@ -55,7 +54,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
     init_model = None if resume else load_init(init, recipe, stage.label_space.num_classes)
     run = stage.open_run()
     student = stage.segmentation_model(build_model(recipe.model.arch, stage.label_space.num_classes) if resume else init_model)
-    teacher = make_teacher(student)  # reset to the starting student
+    teacher = make_teacher(student, recipe.warmup.teacher_mode)  # reset to the starting student
     optimizer = stage.optimizer(student)
     networks = {"student": student, "teacher": teacher}
     if resume:
@@ -65,25 +64,23 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
         label_dir, centroids = prepare_inputs(recipe, student, run.dir, stage.label_space, stage.device)
         if run.is_main:
             save_centroids(run.dir / "initial_centroids.pt", centroids)
-    trained = training_forward(student, recipe, stage.device, teacher)  # channels_last, DDP, compile as asked
+    grouped = cfg.forward == "grouped"  # official: [x_s; x_cdm] and x_mix in two forwards (BN statistics per group)
+    trained = training_forward(student, recipe, stage.device, teacher, separate=grouped)  # + channels_last, DDP, compile
 
-    data = recipe.data
-    target_transform = train_transform(resize=data.target_resize, crop=data.crop, scale=data.target_scale, flip=True,
-                                       content_retry=False)
     target_set = PseudoLabelled(target_images(recipe, stage.label_space), label_dir, stage.label_space.num_classes,
-                                target_transform)
+                                target_transform(recipe))
     source_batches, target_batches = stage.loader(source_set), stage.loader(target_set)
     style_images = (batch["image"] for batch in stage.loader(target_train_dataset(recipe, stage.label_space)))
     translator = build_translator(recipe, style_images, stage.device) if recipe.warmup.crdomix else None
-    source_aug = recipe.warmup.aug
-    target_aug = dataclasses.replace(source_aug, beta=cfg.target_beta)
+    source_aug = recipe.warmup.aug if cfg.source_beta is None else dataclasses.replace(recipe.warmup.aug, beta=cfg.source_beta)
+    target_aug = dataclasses.replace(recipe.warmup.aug, beta=cfg.target_beta)
     device, generator = stage.device, stage.generator
 
     def stage_state() -> dict:
         return {"centroids": centroids.cpu(), "pseudo_labels": str(label_dir), "generator": generator.get_state()}
 
     student.train()
-    for step, lr in stage.steps(f"self-training ({cfg.labels}, {cfg.metric})", optimizer):
+    for step, lr in stage.steps("self-training", optimizer):
         with phase("ema"):
             ema_update(teacher, student, step, recipe.warmup.ema_max)
         with phase("data"):
@@ -112,12 +109,16 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
         # 5. losses
         with phase("forward"):
             with autocast(device, recipe.train.bf16):
-                s_clean, s_cdm, s_mix = trained(torch.cat([x_s, x_cdm, x_mix]))[0].chunk(3)
+                if grouped:
+                    (s_source, _), (s_mix, _) = trained(torch.cat([x_s, x_cdm]), x_mix)
+                    s_clean, s_cdm = s_source.chunk(2)
+                else:
+                    s_clean, s_cdm, s_mix = trained(torch.cat([x_s, x_cdm, x_mix]))[0].chunk(3)
             with torch.no_grad(), autocast(device, recipe.train.bf16):
                 t_src_logits, t_src_feat = teacher(torch.cat([x_s, x_cdm]))
             t_clean, t_cdm = t_src_logits.chunk(2)
             loss_src = source_cross_entropy(s_clean, y_s, recipe.train)
-            loss_mix = consensus_loss(s_mix, prob_mix, feat_mix)
+            loss_mix = consensus_loss(s_mix, prob_mix, feat_mix, recipe.train)
             loss_dist = cross_view_distillation(upsample_to(s_clean, size), upsample_to(s_cdm, size),
                                                 upsample_to(t_clean, size), upsample_to(t_cdm, size),
                                                 reverse_scale=cfg.reverse_scale)
@@ -137,7 +138,9 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
 
         if stage.is_due(recipe.warmup.visualize_every, step + 1):
             save_grid(run.dir / "images" / f"{step + 1:07d}.png", stage.label_space, images=[x_t, x_mix],
-                      labels=[y_prob, y_feat, consensus, prob_mix, s_mix.detach().argmax(1)])
+                      labels=[y_prob, y_feat, consensus, prob_mix, s_mix.detach().argmax(1)],
+                      titles=["target", "mix", "probability labels", "feature labels", "consensus", "mixed label",
+                              "prediction"])
         stage.end_step(step + 1, loss, lr, networks, optimizer, evaluate=student, extras=stage_state,
                        log=lambda: {"loss_src": loss_src, "loss_mix": loss_mix, "loss_dist": loss_dist,
                                     **label_quality(consensus, target["label"].to(device), prob=y_prob, feat=y_feat)})
@@ -169,12 +172,15 @@ def prepare_inputs(recipe: Recipe, model, run_dir: Path, label_space, device: to
         if dist.current().is_main:  # a half-written folder from an interrupted start
             shutil.rmtree(label_dir, ignore_errors=True)
         dist.barrier()
-        generate_probability_labels(model, images, label_dir, label_space, device, cfg.pseudo_label_scales)
+        with progress_callback("pseudo-labels") as progress:
+            generate_probability_labels(model, images, label_dir, label_space, device, cfg.pseudo_label_scales,
+                                        progress=progress)
     if cfg.centroids:
         centroids = load_centroids(cfg.centroids, model)
     else:
         console.print("initial centroids from the student's own argmax on the target images")
-        centroids, _ = initial_centroids(model, images, device)
+        with progress_callback("centroids") as progress:
+            centroids, _ = initial_centroids(model, images, device, progress=progress)
     return label_dir, centroids.to(device)
 
 

@@ -28,7 +28,7 @@ def train_source(recipe: Recipe, out: str | Path, device: str | None = None, res
     batches = stage.loader(train_set)
 
     model.train()
-    for step, lr in stage.steps(f"train source ({recipe.data.source})", optimizer):
+    for step, lr in stage.steps("source", optimizer):
         batch = next(batches)
         images, labels = batch["image"].to(stage.device, non_blocking=True), batch["label"].to(stage.device, non_blocking=True)
         with autocast(stage.device, recipe.train.bf16):

@@ -74,7 +74,7 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
     device, total = stage.device, recipe.train.iters
     nets.train()
     images: dict[str, torch.Tensor] = {}
-    for step, lr in stage.steps(f"translator ({data.source} -> {data.target})", opt_g, opt_d):
+    for step, lr in stage.steps("translator", opt_g, opt_d):
         source, target = next(source_batches), next(target_batches)
         x_s = source["image"].to(device, non_blocking=True) * 2.0 - 1.0
         y_s = source["label"].to(device, non_blocking=True)

@@ -41,7 +41,7 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
     target_set = target_train_dataset(recipe, stage.label_space)
     student = stage.segmentation_model()  # a bad --pretrained stops here, before the run folder exists
     run = stage.open_run()
-    teacher = make_teacher(student)
+    teacher = make_teacher(student, cfg.teacher_mode)
     optimizer = stage.optimizer(student)
     networks = {"student": student, "teacher": teacher}
     stage.restore(networks, optimizer)
@@ -52,7 +52,7 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
     device, generator = stage.device, stage.generator
 
     student.train()
-    for step, lr in stage.steps(f"warm-up ({recipe.data.source})", optimizer):
+    for step, lr in stage.steps("warm-up", optimizer):
         ema_update(teacher, student, step, cfg.ema_max)  # 3. (before the forward pass)
         batch = next(source_batches)
         x_s, y_s = batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
@@ -86,7 +86,9 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
         if stage.is_due(cfg.visualize_every, step + 1):
             save_grid(run.dir / "images" / f"{step + 1:07d}.png", stage.label_space,
                       images=[x_s, x_aug] + ([translated, x_view] if translated is not None else []),
-                      labels=[y_s, logits_view.detach().argmax(1)])
+                      labels=[y_s, logits_view.detach().argmax(1)],
+                      titles=["source", "strong view"] + (["translation", "CrDoMix"] if translated is not None else [])
+                      + ["ground truth", "prediction"])
         stage.end_step(step + 1, loss, lr, networks, optimizer, evaluate=student,
                        extras=lambda: {"generator": generator.get_state()}, log=lambda: terms)
 
