@@ -4,6 +4,20 @@ from diga_fast.cli.main import main
 
 TINY = ("data.synthetic_train_images=8", "data.synthetic_val_images=3", "data.batch_size=2", "data.num_workers=0",
         "train.log_every=1")
+FAST = (*TINY, "data.crop=[48, 96]", "warmup.visualize_every=0")
+
+
+def tiny_source_run(folder):
+    """A finished two-step source run in ``folder/source``, trained in a subprocess (the test process's
+    RNG and torch state stay untouched)."""
+    import subprocess
+    import sys
+
+    out = folder / "source"
+    done = subprocess.run([sys.executable, "-m", "diga_fast.cli.main", "train", "source", "--iters", "2", "--out",
+                           str(out), *FAST], capture_output=True, text=True)
+    assert done.returncode == 0 and (out / "eval.json").is_file(), done.stderr[-2000:]
+    return out
 
 
 def run(capsys, *argv):

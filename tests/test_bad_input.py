@@ -10,19 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import TINY, assert_one_line_error, run
+from cli_helpers import FAST, assert_one_line_error, run, tiny_source_run
 
-FAST = (*TINY, "data.crop=[48, 96]", "warmup.visualize_every=0")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished two-step source run."""
-    out = tmp_path_factory.mktemp("bad-input") / "source"
-    code = os.system(f"cd {out.parent} && python -m diga_fast.cli.main train source --iters 2 --out {out} "
-                     + " ".join(f"'{o}'" for o in FAST) + " > /dev/null 2>&1")
-    assert code == 0 and (out / "eval.json").is_file()
-    return out
+    return tiny_source_run(tmp_path_factory.mktemp("bad-input"))
 
 
 def _image_folder(root: Path, bad: bool) -> Path:

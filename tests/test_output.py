@@ -3,7 +3,6 @@ readable at 80 columns, one mIoU row, titled image grids, help texts, the val si
 and output files whose missing folders are created."""
 
 import io
-import os
 import re
 
 import numpy as np
@@ -19,20 +18,14 @@ from diga_fast.data.synthetic import SyntheticDomain
 from diga_fast.engine.logging import progress_bar, progress_callback, save_grid
 from diga_fast.metrics import ConfusionMatrix, iou_table, summarize
 
-from cli_helpers import TINY, assert_one_line_error, run
+from cli_helpers import FAST, TINY, assert_one_line_error, run, tiny_source_run
 
-FAST = (*TINY, "data.crop=[48, 96]", "warmup.visualize_every=0")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished two-step source run."""
-    out = tmp_path_factory.mktemp("output") / "source"
-    code = os.system(f"python -m diga_fast.cli.main train source --iters 2 --out {out} "
-                     + " ".join(f"'{o}'" for o in FAST) + " > /dev/null 2>&1")
-    assert code == 0 and (out / "eval.json").is_file()
-    return out
+    return tiny_source_run(tmp_path_factory.mktemp("output"))
 
 
 @pytest.fixture
