@@ -13,9 +13,10 @@ Per kernel and target it reports: registers per thread, spills (local-memory STL
 the SASS and the local bytes per thread), shared memory, programs per SM (the tightest of threads,
 registers, shared memory and the 32-block limit) and which limit binds, the widths of global loads /
 stores and of ``cp.async`` copies (from the PTX), the tensor-core family (``mma.sync`` or ``wgmma``),
-the requested pipeline stages and the deepest ``cp.async.wait_group``, and ``bar.sync`` barriers
-(in all, and inside loops). Rows go to ``benchmarks/results/compile.csv`` with the Triton version
-and the target.
+the requested pipeline stages and the deepest ``cp.async.wait_group``, ``bar.sync`` barriers
+(in all, and inside loops), and the shared-memory buffers left unswizzled (from the TTGIR). Rows go
+to ``./diga-bench/compile.csv`` (``--record``: the source tree's ``benchmarks/results/compile.csv``)
+with the Triton version and the target.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
-DEFAULT_CSV = Path("benchmarks/results/compile.csv")
+DEFAULT_CSV = Path("diga-bench/compile.csv")  # ./diga-bench/ of the current directory; --record: results/
 TARGETS = {"sm_90a": 90, "sm_80": 80}
 CSV_COLUMNS = [
     "timestamp", "triton", "target", "op", "kernel", "case", "config", "num_warps", "num_stages",
     "registers", "spill_instructions", "local_bytes", "shared_bytes", "programs_per_sm", "limited_by",
     "ld_global", "st_global", "cp_async", "tensor_cores", "wait_group_depth", "bar_sync", "bar_sync_in_loops",
+    "unswizzled_smem",
 ]
 # Per-SM limits: registers, threads, resident blocks, shared memory (bytes; 1 KB reserved per block).
 SM_LIMITS = {90: (65536, 2048, 32, 228 * 1024), 80: (65536, 2048, 32, 164 * 1024)}
@@ -75,12 +77,16 @@ class _Recorder:
 
         configs = [None]
         fn = self.kernel
-        if isinstance(fn, triton.runtime.Autotuner):
-            configs = list(fn.configs)
-            fn = fn.fn
+        tuner = fn if isinstance(fn, triton.runtime.Autotuner) else None
+        if tuner is not None:
+            fn = tuner.fn
         named = dict(zip(fn.arg_names, args))
         launch_opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         named.update(kwargs)
+        if tuner is not None:  # the configs the autotuner would time for these arguments
+            configs = list(tuner.configs)
+            if len(configs) > 1 and tuner.early_config_prune:
+                configs = list(tuner.early_config_prune(configs, named))
         for cfg in configs:
             values, opts, label = dict(named), {"num_warps": 4, "num_stages": 3, **launch_opts}, ""
             if cfg is not None:
@@ -213,7 +219,7 @@ def _bin(tool: str) -> str:
 def _widths(ptx: str, op: str) -> str:
     """Histogram of access widths (bytes) of ``ld.global`` / ``st.global`` lines, e.g. '16Bx4 4Bx2'."""
     counts: Counter = Counter()
-    for m in re.finditer(rf"\b{op}(?:\.[a-z0-9_:]+)*", ptx):
+    for m in re.finditer(rf"\b{op}(?:\.[A-Za-z0-9_:]+)*", ptx):  # e.g. ld.global.L1::evict_first.v4.b32
         parts = m.group(0).split(".")
         vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
         bits = next((int(p[1:]) for p in parts if re.fullmatch(r"[bufs]\d+", p)), 0)
@@ -243,6 +249,17 @@ def _barriers(ptx: str) -> tuple[int, int]:
                 in_loop[j] = True
     bars = [i for i, line in enumerate(lines) if re.search(r"\b(bar|barrier)\.sync\b", line)]
     return len(bars), sum(in_loop[i] for i in bars)
+
+
+def _unswizzled_buffers(ttgir: str) -> int:
+    """2-D shared-memory buffers (``ttg.local_alloc``) left unswizzled (vec 1, one phase): the layout
+    Triton falls back to when a pipelined tile has users besides the dot, so the MMA's operand loads
+    hit bank conflicts. (1-D buffers, e.g. pipelined labels, feed no MMA and are not counted.)"""
+    plain = {m.group(1) for m in re.finditer(
+        r"^(#shared\d*) = #ttg\.swizzled_shared<\{vec = 1, perPhase = 1, maxPhase = 1, order = \[\d+, \d+\]",
+        ttgir, re.MULTILINE)}
+    allocs = re.findall(r"ttg\.local_alloc\b[^\n]*?memdesc<[^>]*?, (#shared\d*)\b", ttgir)
+    return sum(name in plain for name in allocs)
 
 
 def _resources(cubin: bytes) -> dict:
@@ -290,6 +307,7 @@ def compile_launch(launch: Launch, arch: int) -> dict:
         "ld_global": _widths(ptx, "ld.global"), "st_global": _widths(ptx, "st.global"), "cp_async": _cp_async(ptx),
         "tensor_cores": "+".join(mma) or "-", "wait_group_depth": max(waits) + 1 if waits else 0,
         "bar_sync": bars, "bar_sync_in_loops": bars_in_loops,
+        "unswizzled_smem": _unswizzled_buffers(compiled.asm.get("ttgir", "")),
     }
 
 
@@ -339,10 +357,11 @@ def run(
 def _print_table(rows: list[dict]) -> None:
     cols = [("target", 6), ("kernel", 26), ("case", 30), ("config", 22), ("registers", 4), ("spill_instructions", 5),
             ("shared_bytes", 6), ("programs_per_sm", 4), ("limited_by", 9), ("ld_global", 16), ("st_global", 12),
-            ("cp_async", 10), ("tensor_cores", 8), ("wait_group_depth", 3), ("bar_sync", 4), ("bar_sync_in_loops", 4)]
+            ("cp_async", 10), ("tensor_cores", 8), ("wait_group_depth", 3), ("bar_sync", 4), ("bar_sync_in_loops", 4),
+            ("unswizzled_smem", 4)]
     heads = {"registers": "regs", "spill_instructions": "spill", "shared_bytes": "smem", "programs_per_sm": "prg",
              "limited_by": "limit", "tensor_cores": "mma", "wait_group_depth": "wg", "bar_sync": "bar",
-             "bar_sync_in_loops": "loop"}
+             "bar_sync_in_loops": "loop", "unswizzled_smem": "unsw"}
     print(" ".join(heads.get(c, c).ljust(w)[:max(w, len(heads.get(c, c)))] for c, w in cols))
     for r in rows:
         print(" ".join(str(r[c]).ljust(w) for c, w in cols))
@@ -358,14 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV to append rows to ('' for none)")
+    parser.add_argument("--csv", default=None, help=f"CSV to append rows to ('' for none) [default: ./{DEFAULT_CSV}]")
+    parser.add_argument("--record", action="store_true", help="append to the source tree's benchmarks/results/compile.csv")
     parser.add_argument("--target", action="append", choices=list(TARGETS))
     parser.add_argument("--op", action="append")
     parser.add_argument("--dtype", action="append", choices=list(DTYPE_NAMES))
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return run_in_subprocess(list(argv if argv is not None else sys.argv[1:]))
-    run(csv_path=args.csv or None, targets=args.target, ops=args.op, dtypes=args.dtype)
+    from diga_fast.benchmarks.results_csv import recorded_csv
+
+    if args.record and args.csv is not None:
+        parser.error("give --csv or --record, not both")
+    csv_path = recorded_csv("compile") if args.record else (DEFAULT_CSV if args.csv is None else args.csv or None)
+    run(csv_path=csv_path, targets=args.target, ops=args.op, dtypes=args.dtype)
     return 0
 
 

@@ -289,6 +289,21 @@ def stage_bench(out: Path, dry_run: bool, dtypes: list[str], quick: bool) -> Non
     if not rows:
         raise StageFailed("the bench returned no rows")
     print(f"{len(rows)} rows in {out / 'kernels.csv'}")
+    print_tuned_configs()
+
+
+def print_tuned_configs() -> None:
+    """The config each autotuned kernel chose per key (shape and dtypes): what to keep in the lists."""
+    import importlib
+
+    import triton
+
+    for name in ("assign_centroids", "consensus_cross_entropy", "crdomix_blend", "class_feature_sums"):
+        module = importlib.import_module(f"diga_fast.kernels.{name}")
+        for attr, obj in vars(module).items():
+            if isinstance(obj, triton.runtime.Autotuner):
+                for key, config in getattr(obj, "cache", {}).items():
+                    print(f"autotuned {attr} {key}: {config}")
 
 
 def stage_train(out: Path, dry_run: bool) -> None:

@@ -10,9 +10,10 @@ the basic graph optimisations, to show what the Conv fusions and NCHWc layout bu
 
 Reported per (model, size, implementation): p50 and p90 latency over ``repeats`` timed runs after
 warm-up, images/s at p50, and the speed-up over torch eager fp32 on the same device. Rows are appended
-to ``benchmarks/results/infer.csv`` with the device name, thread count and library versions, so
-results from different machines never mix. Without CUDA the CUDA rows are skipped with a note.
-Random weights are fine for timing (``--model``); ``--checkpoint`` times a trained one.
+to ``./diga-bench/infer.csv`` (``--record``: the source tree's ``benchmarks/results/infer.csv``) with
+the device name, thread count and library versions, so results from different machines never mix.
+Without CUDA the CUDA rows are skipped with a note. Random weights are fine for timing (``--model``);
+``--checkpoint`` times a trained one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from diga_fast.benchmarks.results_csv import append_rows
 
-DEFAULT_CSV = Path("benchmarks/results/infer.csv")
+DEFAULT_CSV = Path("diga-bench/infer.csv")  # under the current directory; --record: results/
 DEFAULT_SIZES = ((512, 1024), (1024, 2048))
 CSV_COLUMNS = [
     "timestamp", "device", "threads", "torch", "onnxruntime", "model", "size", "batch", "impl",

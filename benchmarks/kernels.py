@@ -42,7 +42,7 @@ CSV_COLUMNS = [
     "ms_p20", "ms_p50", "ms_p80", "gbps", "pct_copy_bw", "copy_gbps", "extra_mem_mb", "saved_for_backward_mb",
     "speedup_vs_torch",
 ]
-DEFAULT_CSV = Path("benchmarks/results/kernels.csv")
+DEFAULT_CSV = Path("diga-bench/kernels.csv")  # under the current directory; --record: results/
 IMPL_ORDER = ("triton", "torch", "loop")  # fused kernel, vectorised eager reference, per-class Python loop
 
 # (B, C or K, H, W) per op. Full: DeepLabV2 feature maps (65×129 for 512×1024 inputs) with 256 and

@@ -7,7 +7,7 @@ pair while a :class:`PhaseTimer` is installed for the stage's phases
 and teacher passes + losses, centroids, backward = backward + SGD step). The first ``warmup`` steps
 (allocation, Triton compilation, cuDNN autotuning) are left out of the means.
 
-Setups (rows keyed by device in ``benchmarks/results/train.csv``):
+Setups (rows keyed by device in ``./diga-bench/train.csv``; ``--record``: ``benchmarks/results/train.csv``):
   (a) ``torch-fp32``: every op on its PyTorch reference (``train.kernels=false``), fp32;
   (b) ``kernels-fp32``: the fused Triton ops, fp32;
   (c) ``kernels-bf16-cl``: Triton ops + bf16 autocast + channels_last.
@@ -86,11 +86,12 @@ def _recipe(preset: str, steps: int, overrides: list[str]):
     recipe.train.iters = steps
     recipe.train.log_every = recipe.train.save_every = steps
     recipe.warmup.visualize_every = 0
+    recipe.translator.kind = "fda"  # the built-in pair has no trained translator (paper's default is cyclegan)
     return validate_recipe(apply_overrides(recipe, overrides))
 
 
 def run(preset: str | None = None, steps: int = 20, warmup: int = 5, setups: list[str] | None = None,
-        csv_path: str | Path = "benchmarks/results/train.csv", device: str | None = None,
+        csv_path: str | Path = "diga-bench/train.csv", device: str | None = None,
         overrides: tuple[str, ...] = ()) -> list[dict]:
     """Time each setup; append its row to ``csv_path`` and print the table. ``overrides`` are recipe
     ``key=value`` strings applied on top of the preset (e.g. a smaller crop)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import click
 
 # = diga_fast.benchmarks.kernels.OPS, spelled out so that `diga --help` does not import torch.
@@ -16,6 +18,37 @@ INFER_IMPLS = (
 TRAIN_SETUPS = ("torch-fp32", "kernels-fp32", "kernels-bf16-cl", "torch-bf16-cl")
 
 
+def _csv_options(name: str, none_ok: bool = False):
+    """``--csv PATH`` (default ./diga-bench/<name>.csv under the current directory) and ``--record``
+    (append to the source tree's tracked benchmarks/results/<name>.csv, on purpose): the command gets
+    the chosen path as ``csv_path``."""
+    extra = " ('' for none)" if none_ok else ""
+
+    def decorate(command):
+        @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+                      help=f"CSV to append the result rows to{extra} [default: ./diga-bench/{name}.csv].")
+        @click.option("--record", is_flag=True,
+                      help=f"Append to the source tree's benchmarks/results/{name}.csv (what maintainers do on purpose).")
+        @functools.wraps(command)
+        def wrapper(*args, csv_path, record, **kwargs):
+            if record and csv_path is not None:
+                raise click.UsageError("give --csv or --record, not both")
+            if record:
+                from diga_fast.benchmarks.results_csv import recorded_csv
+
+                try:
+                    csv_path = str(recorded_csv(name))
+                except ValueError as err:
+                    raise click.UsageError(str(err)) from None
+            elif csv_path is None:
+                csv_path = f"diga-bench/{name}.csv"
+            return command(*args, csv_path=csv_path, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 @click.group(help="Benchmarks")
 def bench() -> None:
     pass
@@ -23,10 +56,7 @@ def bench() -> None:
 
 @bench.command("kernels")
 @click.option("--quick", is_flag=True, help="Small shapes (a CPU run finishes in under a minute).")
-@click.option(
-    "--csv", "csv_path", type=click.Path(dir_okay=False), default="benchmarks/results/kernels.csv",
-    show_default=True, help="CSV to append the result rows to.",
-)
+@_csv_options("kernels")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Write a PNG of GB/s per op.")
 @click.option("--op", "ops", multiple=True, type=click.Choice(KERNEL_OPS), help="Op to bench (repeatable) [default: all].")
 @click.option(
@@ -62,10 +92,7 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed runs per row [default: 30 on CUDA, 3 on CPU].")
 @click.option("--impl", "impls", multiple=True, type=click.Choice(INFER_IMPLS),
               help="Implementation (repeatable) [default: eager fp32/bf16 + ORT CPU on a CPU; all CUDA ones on a GPU].")
-@click.option(
-    "--csv", "csv_path", type=click.Path(dir_okay=False), default="benchmarks/results/infer.csv",
-    show_default=True, help="CSV to append the result rows to.",
-)
+@_csv_options("infer")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads of PyTorch and ONNX Runtime [default: the physical cores].")
 @click.option("--note", default="", help="Free text stored in every row (e.g. 'shared machine').")
@@ -88,12 +115,9 @@ def infer_command(models, checkpoint, sizes, batch, repeats, impls, csv_path, th
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed iterations per setup.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed iterations first.")
 @click.option("--setup", "setups", multiple=True, type=click.Choice(TRAIN_SETUPS),
-              help="Setup to time (repeatable) [default: the three of the issue on CUDA, torch-fp32 and torch-bf16-cl on CPU].")
+              help="Setup to time (repeatable) [default: torch-fp32, kernels-fp32 and kernels-bf16-cl on CUDA, torch-fp32 and torch-bf16-cl on CPU].")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
-@click.option(
-    "--csv", "csv_path", type=click.Path(dir_okay=False), default="benchmarks/results/train.csv",
-    show_default=True, help="CSV to append the result rows to.",
-)
+@_csv_options("train")
 @click.argument("overrides", nargs=-1)
 def train_command(preset, steps, warmup, setups, device, csv_path, overrides) -> None:
     """One self-training iteration split into phases (data, EMA, teacher, labelling, mixing,
@@ -109,10 +133,7 @@ def train_command(preset, steps, warmup, setups, device, csv_path, overrides) ->
 
 
 @bench.command("compile")
-@click.option(
-    "--csv", "csv_path", type=click.Path(dir_okay=False), default="benchmarks/results/compile.csv",
-    show_default=True, help="CSV to append the result rows to ('' for none).",
-)
+@_csv_options("compile", none_ok=True)
 @click.option("--target", "targets", multiple=True, type=click.Choice(["sm_90a", "sm_80"]),
               help="GPU to compile for (repeatable) [default: both].")
 @click.option("--op", "ops", multiple=True, type=click.Choice(KERNEL_OPS), help="Op to compile (repeatable) [default: all].")
@@ -123,7 +144,7 @@ def compile_command(csv_path: str, targets: tuple[str, ...], ops: tuple[str, ...
     registers, spills, shared memory, programs per SM, access widths, tensor-core family, barriers."""
     from diga_fast.benchmarks import compile_report
 
-    argv = ["--csv", csv_path]
+    argv = ["--csv", csv_path]  # already resolved (--record included)
     argv += [f"--target={t}" for t in targets] + [f"--op={o}" for o in ops] + [f"--dtype={d}" for d in dtypes]
     code = compile_report.main(argv)
     if code:

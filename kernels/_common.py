@@ -87,3 +87,12 @@ def pixel_offsets(offs_p, W, stride_h, stride_w, CONTIGUOUS: tl.constexpr):
         return offs_p
     else:
         return (offs_p // W).to(tl.int64) * stride_h + (offs_p % W).to(tl.int64) * stride_w
+
+
+@triton.jit
+def round_to_tf32(x):
+    """fp32 rounded to the nearest tf32 (10 mantissa bits, ties away from zero), as cvt.rna.tf32 does:
+    the tensor cores then take it exactly. x and x - round_to_tf32(x), both rounded, are the two
+    halves of tf32x3's split; when the other operand is exact in tf32 (a one-hot, fp16/bf16
+    features), the two products hi·y + lo·y are tf32x3's whole sum."""
+    return ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)

@@ -3,7 +3,8 @@ centroids (cosine) or the nearest one (l2), and that similarity or distance.
 
 Byte-traffic model (what must move; ``traffic_bytes``):
     read   B·C·H·W·s_f   features, once (s_f = bytes per feature element)
-         + K·C·4         centroids (prepared in fp32; each program re-reads them from L2)
+         + K·C·4·r       centroids (prepared in fp32, r = 2 rows hi + lo for fp16/bf16 features;
+                         each program re-reads them from L2)
     write  B·H·W·(8 + 4) int64 labels + fp32 scores
 The eager version (normalise → einsum → max) reads the features twice (norm, divide), writes and
 re-reads the normalised copy, and writes and re-reads a [B, K, H, W] similarity map: about
@@ -17,17 +18,26 @@ matmul does not sum identical rows identically).
 
 ``_assign_centroids_kernel``: one program per (block of BLOCK_P pixels, image). It loops over the
 channels in BLOCK_C steps, loading a [BLOCK_C, BLOCK_P] feature tile (pixel dimension contiguous in
-NCHW, 16-byte cp.async copies through a 4-stage pipeline; any strides work, e.g. channels_last) and a
+NCHW, 16-byte cp.async copies through a 2- to 4-stage pipeline; any strides work, e.g. channels_last) and a
 [K_PAD, BLOCK_C] centroid tile, and accumulates the [K_PAD, BLOCK_P] dot products with ``tl.dot`` on
 the tensor cores. fp32 uses ``input_precision="tf32x3"``: three tf32 products give fp32-level
 accuracy, while an ieee fp32 dot runs on the CUDA cores and, with K padded to 32, is compute-bound
-(8 FMAs per feature byte). fp16/bf16 features are upcast exactly to fp32 in registers. The per-pixel
-squared norm comes from the same tile, so the features are read exactly once. Cosine:
+(8 FMAs per feature byte). fp16/bf16 features are upcast exactly to fp32 in registers, and since
+they are exact in tf32, tf32x3's third product (the features' low part) is zero: the prepare kernel
+splits the centroids into hi + lo (both tf32, ``round_to_tf32``) and the kernel runs two tf32
+products, the same sum with a third fewer MMAs. The per-pixel squared norm comes from the same
+tile, so the features are read from memory once. Cosine:
 label = argmax f·ĉ (a positive per-pixel scale cannot change it), score = f·ĉ / max(‖f‖, eps), which
 is F.normalize's definition. L2: argmin ‖c‖² − 2 f·c, score = sqrt(max(‖f‖² − 2 f·c + ‖c‖², 0)).
 ``tl.max/min(..., return_indices=True)`` breaks ties to the left, as torch.max/min do.
-BLOCK_P = 128 (64 when that leaves fewer than two programs per SM), BLOCK_C = 16, 4 warps: 133
-registers, ~33 KB shared memory, so three programs share an SM (sm_90, Triton 3.7).
+
+Block sizes, stages and NORM_LOAD are autotuned on a GPU (``_configs``; one config under the
+interpreter). NORM_LOAD takes the norms from a second, plain load of the tile (an L2 hit): the dot
+is then the only user of the pipelined shared-memory copy, which gets the MMA's swizzled layout; a
+tile with a second user is left unswizzled by Triton's pipeliner (4-way bank conflicts on the tf32
+operand loads). Each config keeps two or more programs per SM without spills at the bench shapes
+(``diga bench compile``). At odd H·W (DeepLab's 65×129) a channel row starts at an odd element, so
+copies are 4-byte ``cp.async``: the layout allows nothing wider without a copy of the features.
 """
 
 import torch
@@ -35,7 +45,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_k, check_pixels, interpreting, pixel_offsets, pixels_contiguous, resolve_backend
+from ._common import (
+    check_k,
+    check_pixels,
+    interpreting,
+    pixel_offsets,
+    pixels_contiguous,
+    resolve_backend,
+    round_to_tf32,
+)
 
 METRICS = ("cosine", "l2")
 NORMALIZE_EPS = 1e-12  # F.normalize's default
@@ -46,13 +64,13 @@ FP32_DOT_PRECISION = "tf32x3"
 
 def traffic_bytes(B: int, C: int, H: int, W: int, K: int, feature_bytes: int = 4) -> int:
     """Bytes read + written by one call (see the module docstring)."""
-    return B * C * H * W * feature_bytes + K * C * 4 + B * H * W * (8 + 4)
+    return B * C * H * W * feature_bytes + K * C * 4 * (2 if feature_bytes == 2 else 1) + B * H * W * (8 + 4)
 
 
 @triton.jit
 def _prepare_centroids_kernel(
     cent_ptr, out_ptr, out_sq_ptr, duplicate_ptr, C, stride_k, stride_c,
-    NORMALIZE: tl.constexpr, EPS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    NORMALIZE: tl.constexpr, SPLIT: tl.constexpr, EPS: tl.constexpr, ACC_DTYPE: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program per centroid k: the row the main kernel uses (L2-normalised as F.normalize does,
@@ -73,7 +91,12 @@ def _prepare_centroids_kernel(
     out_sq = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     for c0 in range(0, C, BLOCK_C):
         x = tl.load(row + (c0 + offs) * stride_c, mask=c0 + offs < C, other=0.0).to(ACC_DTYPE) / denom
-        tl.store(out_ptr + k * C + c0 + offs, x, mask=c0 + offs < C)
+        if SPLIT:  # rows K..2K-1 hold the tf32 remainders
+            hi = round_to_tf32(x)
+            tl.store(out_ptr + k * C + c0 + offs, hi, mask=c0 + offs < C)
+            tl.store(out_ptr + (tl.num_programs(0) + k) * C + c0 + offs, round_to_tf32(x - hi), mask=c0 + offs < C)
+        else:
+            tl.store(out_ptr + k * C + c0 + offs, x, mask=c0 + offs < C)
         out_sq += x * x
     tl.store(out_sq_ptr + k, tl.sum(out_sq, axis=0))
     offs_j = tl.arange(0, K_PAD)
@@ -90,14 +113,29 @@ def _prepare_centroids_kernel(
     tl.store(duplicate_ptr + k, duplicate)
 
 
+def _configs():
+    """Pixels and channels per step, stages, and where the norms come from: a list to tune on a GPU
+    (each without spills and with two or more programs per SM at the bench shapes, ``diga bench
+    compile``), one config for the interpreter (which cannot autotune and wants few, large programs).
+    NORM_LOAD: the squared norms from a second, plain load of the tile (an L2 hit) so that the dot is
+    the only user of the pipelined copy, which then gets the MMA's swizzled shared layout (no bank
+    conflicts on the operand loads, at the price of registers and L2 traffic); without it the tile
+    is read once and its shared copy is left unswizzled."""
+    if interpreting():
+        return [triton.Config({"BLOCK_P": 256, "BLOCK_C": 16, "NORM_LOAD": True}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_P": p, "BLOCK_C": 16, "NORM_LOAD": n}, num_warps=4, num_stages=s)
+            for p, s, n in ((128, 4, True), (64, 2, True), (128, 4, False), (64, 4, False))]
+
+
+@triton.autotune(configs=_configs(), key=["C", "K", "HW"])
 @triton.jit
 def _assign_centroids_kernel(
     feat_ptr, cent_ptr, cent_sq_ptr, duplicate_ptr, labels_ptr, score_ptr,
     C, K, HW, W,
     stride_fb, stride_fc, stride_fh, stride_fw,
     METRIC_L2: tl.constexpr, PIXELS_CONTIGUOUS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EPS: tl.constexpr,
-    K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_CENTROIDS: tl.constexpr, EPS: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, NORM_LOAD: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1)
@@ -115,10 +153,20 @@ def _assign_centroids_kernel(
     sq = tl.zeros([BLOCK_P], dtype=ACC_DTYPE)
     for c0 in range(0, C, BLOCK_C):
         mask_c = (c0 + offs_c) < C
-        f = tl.load(f_ptrs, mask=mask_c[:, None] & mask_p[None, :], other=0.0).to(ACC_DTYPE)
+        f_mask = mask_c[:, None] & mask_p[None, :]
+        f = tl.load(f_ptrs, mask=f_mask, other=0.0).to(ACC_DTYPE)
         cen = tl.load(c_ptrs, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
-        dots = tl.dot(cen, f, dots, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        sq += tl.sum(f * f, axis=0)
+        if SPLIT_CENTROIDS:  # 16-bit features are exact in tf32: c_hi·f + c_lo·f is tf32x3's sum
+            cen_lo = tl.load(c_ptrs + K * C, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            dots = tl.dot(cen, f, dots, input_precision="tf32", out_dtype=ACC_DTYPE)
+            dots = tl.dot(cen_lo, f, dots, input_precision="tf32", out_dtype=ACC_DTYPE)
+        else:
+            dots = tl.dot(cen, f, dots, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if NORM_LOAD:  # see _configs
+            g = tl.load(f_ptrs, mask=f_mask, other=0.0, eviction_policy="evict_first").to(ACC_DTYPE)
+            sq += tl.sum(g * g, axis=0)
+        else:
+            sq += tl.sum(f * f, axis=0)
         f_ptrs += f_step
         c_ptrs += BLOCK_C
 
@@ -189,24 +237,21 @@ def assign_centroids(
     ACC_DTYPE = tl.float64 if acc_dtype == torch.float64 else tl.float32
     K_PAD = max(16, triton.next_power_of_2(K))
     centroids = centroids.to(features.device)
-    cent = torch.empty((K, C), dtype=acc_dtype, device=features.device)
+    split = features.dtype in (torch.float16, torch.bfloat16)
+    cent = torch.empty((2 if split else 1, K, C), dtype=acc_dtype, device=features.device)
     cent_sq = torch.empty(K, dtype=acc_dtype, device=features.device)
     duplicate = torch.empty(K, dtype=torch.int32, device=features.device)
     _prepare_centroids_kernel[(K,)](
         centroids, cent, cent_sq, duplicate, C, *centroids.stride(),
-        NORMALIZE=metric == "cosine", EPS=NORMALIZE_EPS, ACC_DTYPE=ACC_DTYPE, K_PAD=K_PAD, BLOCK_C=64,
+        NORMALIZE=metric == "cosine", SPLIT=split, EPS=NORMALIZE_EPS, ACC_DTYPE=ACC_DTYPE, K_PAD=K_PAD,
+        BLOCK_C=64,
     )
     labels = torch.empty((B, H, W), dtype=torch.int64, device=features.device)
     score = torch.empty((B, H, W), dtype=torch.float32, device=features.device)
     if B * H * W == 0:
         return labels, score
 
-    if interpreting():
-        BLOCK_P = 256
-    else:  # 128-pixel tiles; 64 when that leaves fewer than two programs per SM (DeepLab's 65×129)
-        n_sm = torch.cuda.get_device_properties(features.device).multi_processor_count
-        BLOCK_P = 128 if B * triton.cdiv(H * W, 128) >= 2 * n_sm else 64
-    grid = (triton.cdiv(H * W, BLOCK_P), B)
+    grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), B)
     _assign_centroids_kernel[grid](
         features, cent, cent_sq, duplicate, labels, score,
         C, K, H * W, W,
@@ -215,11 +260,8 @@ def assign_centroids(
         PIXELS_CONTIGUOUS=pixels_contiguous(features),
         ACC_DTYPE=ACC_DTYPE,
         DOT_PRECISION="ieee" if acc_dtype == torch.float64 else FP32_DOT_PRECISION,
+        SPLIT_CENTROIDS=split,
         EPS=NORMALIZE_EPS,
         K_PAD=K_PAD,
-        BLOCK_C=16,
-        BLOCK_P=BLOCK_P,
-        num_warps=4,
-        num_stages=4,
     )
     return labels, score

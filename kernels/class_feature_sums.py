@@ -17,7 +17,9 @@ walks its span of pixels in BLOCK_P tiles; per tile it builds the [K_PAD, BLOCK_
 labels in registers, loads the [BLOCK_C, BLOCK_P] feature tile (pixel dimension contiguous in NCHW)
 and accumulates one-hot · featuresᵀ into a [K_PAD, BLOCK_C] accumulator with ``tl.dot``: fp16/bf16
 features go to the tensor cores in their own dtype (the one-hot is exact in it, products are exact,
-sums fp32), fp32 ones with tf32x3 (the three-product split keeps them at fp32 accuracy). Pixel
+sums fp32). fp32 features are split into hi + lo, both rounded to tf32 (``round_to_tf32``), and go
+in as two tf32 products: that is tf32x3's sum (its third product, the one-hot's low part, is zero),
+at fp32-level accuracy, with a third fewer MMAs and far fewer registers than ``tf32x3``. Pixel
 counts accumulate element-wise in a [K_PAD, BLOCK_P] int32 tile, reduced once at the end. Each
 program writes its span's partial sums (and, channel block 0, counts) to a scratch buffer;
 ``_class_feature_sums_reduce_kernel`` adds the spans of each (image, channel block) in span order.
@@ -28,8 +30,10 @@ cards or two launch configurations give the same bits. fp64 features accumulate 
 The feature loads are masked by the labels, so unlabelled pixels cost no feature bytes (and NaN
 features there cannot leak into the sums). Labels are range-checked in their own dtype before any
 narrowing (an int64 label 2**32 + 3 is out of range, not class 3); offsets are int64.
-BLOCK_P = 64, BLOCK_C = 64, 8 warps (sm_90a, Triton 3.7.1, ``diga bench compile``): fp32 189 registers,
-41 KB shared memory, one program per SM; fp16/bf16 119 registers, 9 KB, two programs per SM; no spills.
+BLOCK_P = 32 (fixed: part of the summation order); BLOCK_C, warps and stages autotuned on a GPU from
+configs that all keep two or more programs per SM without spills (sm_90a/sm_80, Triton 3.7.1,
+``diga bench compile``): fp32 106-128 registers (2-4 programs per SM; 189 and one program per SM
+with BLOCK_P = 64 and tf32x3), fp16/bf16 64-80 registers (3-8 programs per SM).
 """
 
 import torch
@@ -44,9 +48,10 @@ from ._common import (
     pixel_offsets,
     pixels_contiguous,
     resolve_backend,
+    round_to_tf32,
 )
 
-BLOCK_P = 64  # pixels per tile: part of the summation order, so fixed (not tuned)
+BLOCK_P = 32  # pixels per tile: part of the summation order, so fixed (not tuned)
 # Spans are sized for about this many (span, 64-channel block, image) programs: a constant, not the
 # SM count, so that the result does not depend on the card. The interpreter wants few programs.
 TARGET_PROGRAMS = 1024
@@ -71,13 +76,24 @@ def traffic_bytes(
     return int(valid_fraction * B * C * H * W * feature_bytes + B * H * W * label_bytes + B * K * (C * 4 + 8))
 
 
+def _configs():
+    """Channels per program, warps and stages: a list to tune on a GPU (each keeps two or more programs
+    per SM without spills at the bench shapes, ``diga bench compile``), one config for the interpreter.
+    None changes the result: BLOCK_P and the span length fix the summation order."""
+    if interpreting():
+        return [triton.Config({"BLOCK_C": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_C": c}, num_warps=w, num_stages=s)
+            for c, w, s in ((64, 8, 3), (64, 8, 2), (32, 4, 3), (32, 4, 2))]
+
+
+@triton.autotune(configs=_configs(), key=["C", "K", "HW"])
 @triton.jit
 def _class_feature_sums_partial_kernel(
     feat_ptr, labels_ptr, part_sums_ptr, part_counts_ptr,
     C, K, HW, W, ignore_index, tiles_per_span, n_spans, spans_per_program,
     stride_fb, stride_fc, stride_fh, stride_fw, stride_lb, stride_lh, stride_lw,
     FEAT_CONTIGUOUS: tl.constexpr, LABELS_CONTIGUOUS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_TF32: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -105,10 +121,17 @@ def _class_feature_sums_partial_kernel(
             onehot = (offs_k[:, None] == label.to(tl.int32)[None, :]) & valid[None, :]
             pix = pixel_offsets(offs_p, W, stride_fh, stride_fw, FEAT_CONTIGUOUS)
             f = tl.load(f_rows + pix[None, :], mask=mask_c[:, None] & valid[None, :], other=0.0)
-            acc = tl.dot(
-                onehot.to(DOT_DTYPE), tl.trans(f.to(DOT_DTYPE)), acc,
-                input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE,
-            )
+            if SPLIT_TF32:  # fp32: f = hi + lo, both tf32; the one-hot is exact, so two products do
+                f = f.to(tl.float32)
+                hi = round_to_tf32(f)
+                oh = onehot.to(tl.float32)
+                acc = tl.dot(oh, tl.trans(hi), acc, input_precision="tf32", out_dtype=ACC_DTYPE)
+                acc = tl.dot(oh, tl.trans(round_to_tf32(f - hi)), acc, input_precision="tf32", out_dtype=ACC_DTYPE)
+            else:
+                acc = tl.dot(
+                    onehot.to(DOT_DTYPE), tl.trans(f.to(DOT_DTYPE)), acc,
+                    input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE,
+                )
             count += onehot.to(tl.int32)
         span = b * n_spans + s
         in_range = s < n_spans
@@ -155,15 +178,16 @@ def class_feature_sums_ref(
 
 
 def _class_feature_sums_triton(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int, block_c: int = 64,
-    spans_per_program: int = 1,
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int,
+    block_c: int | None = None, spans_per_program: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two launches. ``spans_per_program`` changes the grid, never the result; so does
-    ``block_c`` (channels per program) on a GPU, where a product's rounding does not depend on the
-    matrix shape (the interpreter's numpy matmul is not shape-invariant)."""
+    """The two launches. ``spans_per_program`` changes the grid, never the result; so does the
+    channel block (autotuned, or ``block_c`` to force one) on a GPU, where a product's rounding does
+    not depend on the matrix shape (the interpreter's numpy matmul is not shape-invariant)."""
     B, C, H, W = features.shape
     K = num_classes
     acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    ACC_DTYPE = tl.float64 if acc_dtype == torch.float64 else tl.float32
     device = features.device
     if labels.dtype == torch.bool:
         labels = labels.to(torch.uint8)
@@ -173,33 +197,34 @@ def _class_feature_sums_triton(
         # exact: the one-hot is exact in fp16/bf16, so every product is, and the sums are fp32
         dot_dtype, precision = (tl.float16 if features.dtype == torch.float16 else tl.bfloat16), "ieee"
     else:  # fp32 (and, interpreted, 16-bit features upcast exactly: the interpreter's bf16 dot is wrong)
-        dot_dtype, precision = tl.float32, "tf32x3"
+        dot_dtype, precision = tl.float32, "tf32"
     k_pad = max(16, triton.next_power_of_2(K))
     tiles_per_span, n_spans = span_count(B, C, H, W)
     part_sums = torch.empty((B, n_spans, K, C), dtype=acc_dtype, device=device)
     part_counts = torch.empty((B, n_spans, K), dtype=torch.int32, device=device)
-    grid = (triton.cdiv(n_spans, spans_per_program), triton.cdiv(C, block_c), B)
-    _class_feature_sums_partial_kernel[grid](
+    grid = lambda meta: (triton.cdiv(n_spans, spans_per_program), triton.cdiv(C, meta["BLOCK_C"]), B)
+    kernel, forced = _class_feature_sums_partial_kernel, {}
+    if block_c is not None:  # the plain kernel under the autotuner, at this block size
+        kernel, forced = _class_feature_sums_partial_kernel.fn, {"BLOCK_C": block_c, "num_warps": 4, "num_stages": 2}
+    kernel[grid](
         features, labels, part_sums, part_counts,
         C, K, H * W, W, int(ignore_index), tiles_per_span, n_spans, spans_per_program,
         *features.stride(), *labels.stride(),
         FEAT_CONTIGUOUS=pixels_contiguous(features),
         LABELS_CONTIGUOUS=pixels_contiguous(labels),
-        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        ACC_DTYPE=ACC_DTYPE,
         DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision,
+        SPLIT_TF32=dot_dtype == tl.float32,
         K_PAD=k_pad,
-        BLOCK_C=block_c,
         BLOCK_P=BLOCK_P,
-        num_warps=8,
-        num_stages=3,
+        **forced,
     )
     sums = torch.empty((B, K, C), dtype=acc_dtype, device=device)
     counts = torch.empty((B, K), dtype=torch.int64, device=device)
     _class_feature_sums_reduce_kernel[(triton.cdiv(C, 64), B)](
         part_sums, part_counts, sums, counts, C, K, n_spans,
-        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32, K_PAD=k_pad, BLOCK_C=64,
-        num_warps=4,
+        ACC_DTYPE=ACC_DTYPE, K_PAD=k_pad, BLOCK_C=64, num_warps=4,
     )
     return sums, counts
 

@@ -1,29 +1,40 @@
 """Bilateral-consensus cross-entropy: mean CE(logits, prob_labels) over the pixels where the probability
 label and the feature-induced label agree (and are not ignore_index), in one fused op.
 
-Byte-traffic model, forward + backward (``traffic_bytes``; s = bytes per logit, s_l per label):
+Byte-traffic model, forward + backward (``traffic_bytes``; s = bytes per logit, s_l per label, s_a =
+bytes of the accumulator dtype, 4 for fp32):
     forward   read  v·B·K·H·W·s        logits of valid pixels (invalid pixels are never loaded)
                   + 2·B·H·W·s_l        both label maps
-    backward  read  v·B·K·H·W·s + 2·B·H·W·s_l   (recompute the softmax: nothing per-pixel is saved)
+              write B·H·W·(s_a + 1)    per-pixel log-sum-exp and target class (int8, -1 = invalid)
+    backward  read  v·B·K·H·W·s        logits of valid pixels again (nothing logit-sized is saved)
+                  + B·H·W·(s_a + 1)    the saved log-sum-exp and targets (not the two label maps)
               write B·K·H·W·s          the gradient (zeros on invalid pixels)
 with v the fraction of valid pixels (1 gives the dense upper bound). Eager PyTorch (mask building +
 F.cross_entropy(ignore_index) + backward) writes and re-reads a log-softmax copy, a zero-filled
 gradient of the NLL, and the masks: about 6 full logit-sized passes instead of 3, and it keeps the
-log-softmax alive between forward and backward. Here the forward keeps only the inputs and two
-scalars, so the extra memory is the gradient the caller asked for.
+log-softmax alive between forward and backward. Here the forward keeps the inputs, 5 bytes per pixel
+and two scalars: the extra memory is those 5 bytes per pixel (≈ 1/(4K) of the logits) and the
+gradient the caller asked for.
 
-Kernels: one program per (block of BLOCK_P pixels, image) loads a [K_PAD, BLOCK_P] logits tile (all
-classes of a pixel block; the pixel dimension is contiguous in NCHW), computes a max-shifted
-logsumexp in fp32 (fp64 for fp64 logits) and writes one partial loss sum and one valid count. A
-one-program kernel reduces the partials in a fixed order (deterministic, no atomics) into the loss and
-n_valid, which stay on the device. The backward kernel recomputes softmax and writes
-(softmax − onehot) · grad_output / max(n_valid, 1) on valid pixels and 0 elsewhere; it reads
+Kernels. ``_consensus_ce_fwd_kernel``: one program per (block of BLOCK_P pixels, image) loads the two
+label maps, then walks the K class planes one [BLOCK_P] row at a time (the pixel dimension is
+contiguous in NCHW) with an online softmax: a running max m and sum s per pixel, one exp per logit
+(s ← s·e^{m−x} + 1 when x is the new max, s + e^{x−m} otherwise), so nothing is padded to a power of
+two and no reduction crosses threads until the per-program loss/count sums at the end. It writes
+the per-pixel log-sum-exp (m + log s) and target, and one partial loss sum and valid count per
+MIN_BLOCK_P-pixel slot (a program of BLOCK_P = R·MIN_BLOCK_P pixels writes its sums in its first slot
+and zeros in the other R − 1, so the partial buffer does not depend on the tuned block size).
+``_consensus_ce_finalize_kernel`` (one program) reduces the slots in a fixed order (no atomics) into
+the loss and n_valid, which stay on the device. ``_consensus_ce_bwd_kernel`` reads the saved
+log-sum-exp and target per pixel and, class plane by class plane, writes
+(exp(x − lse) − onehot) · grad_output / max(n_valid, 1) on valid pixels and 0 elsewhere; it reads
 grad_output and n_valid from device memory, so there is no host synchronisation anywhere. With no
-valid pixel the loss is exactly 0/1 = 0.0 and the gradient exactly 0.
+valid pixel the loss is exactly 0/1 = 0.0 and the gradient exactly 0. Accumulation is fp32 (fp64 for
+fp64 logits, which gradcheck uses).
 
-BLOCK_P = 8192 / K_PAD pixels (256 for K = 19), 8 warps, 64-80 registers. The logits loads are
-masked per pixel, so they are not vectorised; they are still coalesced (a warp reads 32 consecutive
-pixels of one class plane), and the gradient stores are 16-byte vectors.
+Block size and warps are autotuned on a GPU (``_configs``, pruned to one 16-byte vector of logits per
+thread and class plane; one config under the interpreter). The logits loads are masked per pixel (invalid pixels cost no bytes), so they are coalesced 4-byte (fp32)
+loads; the label, log-sum-exp and gradient accesses are 16-byte vectors where H·W allows.
 
 Labels outside [0, K) are treated like ignore_index (F.cross_entropy would fail on them).
 """
@@ -35,6 +46,8 @@ import triton.language as tl
 
 from ._common import check_k, check_pixels, interpreting, pixel_offsets, pixels_contiguous, resolve_backend
 
+MIN_BLOCK_P = 256  # pixels per partial-sum slot: the smallest tuned block
+
 
 def traffic_bytes(
     B: int, K: int, H: int, W: int, logit_bytes: int = 4, label_bytes: int = 8,
@@ -43,8 +56,9 @@ def traffic_bytes(
     """Bytes read + written by a forward (and, by default, the backward) pass."""
     logits = B * K * H * W * logit_bytes
     labels = 2 * B * H * W * label_bytes
-    fwd = valid_fraction * logits + labels
-    bwd = valid_fraction * logits + labels + logits
+    saved = B * H * W * (4 + 1)  # fp32 log-sum-exp + int8 target
+    fwd = valid_fraction * logits + labels + saved
+    bwd = valid_fraction * logits + saved + logits
     return int(fwd + (bwd if backward else 0))
 
 
@@ -55,66 +69,76 @@ def minimum_traffic_bytes(B: int, K: int, H: int, W: int, logit_bytes: int = 4, 
     return B * K * H * W * logit_bytes * 2 + 2 * B * H * W * label_bytes
 
 
-@triton.jit
-def _load_consensus_tile(
-    logits_ptr, prob_ptr, feat_ptr, b, offs_p, offs_k, K, HW, W, ignore_index,
-    stride_lb, stride_lk, stride_lh, stride_lw, stride_pb, stride_ph, stride_pw,
-    stride_qb, stride_qh, stride_qw,
-    LOGITS_CONTIGUOUS: tl.constexpr, PROB_CONTIGUOUS: tl.constexpr, FEAT_CONTIGUOUS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-):
-    """Labels of a pixel block (int32), its validity mask, and the logits tile of its valid pixels.
-    The range check runs in the labels' own dtype: an int64 label 2**32 + 3 is invalid, not class 3."""
-    mask_p = offs_p < HW
-    mask_k = offs_k < K
-    b64 = b.to(tl.int64)
-    prob = tl.load(
-        prob_ptr + b64 * stride_pb + pixel_offsets(offs_p, W, stride_ph, stride_pw, PROB_CONTIGUOUS),
-        mask=mask_p, other=0,
-    )
-    feat = tl.load(
-        feat_ptr + b64 * stride_qb + pixel_offsets(offs_p, W, stride_qh, stride_qw, FEAT_CONTIGUOUS),
-        mask=mask_p, other=0,
-    )
-    valid = mask_p & (prob == feat) & (prob != ignore_index) & (prob >= 0) & (prob < K)
-    prob = prob.to(tl.int32)
-    pix = pixel_offsets(offs_p, W, stride_lh, stride_lw, LOGITS_CONTIGUOUS)
-    x = tl.load(
-        logits_ptr + b64 * stride_lb + offs_k.to(tl.int64)[:, None] * stride_lk + pix[None, :],
-        mask=mask_k[:, None] & valid[None, :], other=0.0,
-    ).to(ACC_DTYPE)
-    return prob, valid, x
+def _configs():
+    """Pixels per program and warps: a list to tune on a GPU, one config for the interpreter (which
+    cannot autotune and wants few, large programs). Every BLOCK_P is a multiple of MIN_BLOCK_P."""
+    if interpreting():
+        return [triton.Config({"BLOCK_P": 1024}, num_warps=4)]
+    return [triton.Config({"BLOCK_P": p}, num_warps=w)
+            for p, w in ((256, 2), (512, 4), (1024, 8), (512, 2), (1024, 4), (2048, 8))]
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep the configs where a thread holds one 16-byte vector per class plane (4 fp32 or 8 fp16/bf16
+    pixels): more per thread makes the compiler shuffle layouts through shared memory in the class
+    loop, fewer gives narrower gradient stores."""
+    size = named_args["logits_ptr"].element_size()
+    kept = [c for c in configs if c.kwargs["BLOCK_P"] * size == 16 * 32 * c.num_warps]
+    return kept or configs
+
+
+_TUNING = {"configs": _configs(), "key": ["K", "HW"], "prune_configs_by": {"early_config_prune": _prune_configs}}
+
+
+@triton.autotune(**_TUNING)
 @triton.jit
 def _consensus_ce_fwd_kernel(
-    logits_ptr, prob_ptr, feat_ptr, part_loss_ptr, part_count_ptr,
-    K, HW, W, ignore_index,
+    logits_ptr, prob_ptr, feat_ptr, lse_ptr, target_ptr, part_loss_ptr, part_count_ptr,
+    K, HW, W, ignore_index, n_slots,
     stride_lb, stride_lk, stride_lh, stride_lw, stride_pb, stride_ph, stride_pw,
     stride_qb, stride_qh, stride_qw,
     LOGITS_CONTIGUOUS: tl.constexpr, PROB_CONTIGUOUS: tl.constexpr, FEAT_CONTIGUOUS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, MIN_BLOCK_P: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_k = tl.arange(0, K_PAD)
-    prob, valid, x = _load_consensus_tile(
-        logits_ptr, prob_ptr, feat_ptr, b, offs_p, offs_k, K, HW, W, ignore_index,
-        stride_lb, stride_lk, stride_lh, stride_lw, stride_pb, stride_ph, stride_pw,
-        stride_qb, stride_qh, stride_qw,
-        LOGITS_CONTIGUOUS, PROB_CONTIGUOUS, FEAT_CONTIGUOUS, ACC_DTYPE,
-    )
-    real_k = (offs_k < K)[:, None]
-    x_max = tl.max(tl.where(real_k, x, float("-inf")), axis=0)
-    e = tl.where(real_k, tl.exp(x - x_max[None, :]), 0.0)
-    lse = x_max + tl.log(tl.sum(e, axis=0))
-    x_target = tl.sum(tl.where(offs_k[:, None] == prob[None, :], x, 0.0), axis=0)
+    mask_p = offs_p < HW
+    prob = tl.load(prob_ptr + b * stride_pb + pixel_offsets(offs_p, W, stride_ph, stride_pw, PROB_CONTIGUOUS),
+                   mask=mask_p, other=0)
+    feat = tl.load(feat_ptr + b * stride_qb + pixel_offsets(offs_p, W, stride_qh, stride_qw, FEAT_CONTIGUOUS),
+                   mask=mask_p, other=0)
+    # range-checked in the labels' own dtype: an int64 label 2**32 + 3 is invalid, not class 3
+    valid = mask_p & (prob == feat) & (prob != ignore_index) & (prob >= 0) & (prob < K)
+    target = tl.where(valid, prob.to(tl.int32), -1)  # narrowed only where in range
+
+    x_ptrs = logits_ptr + b * stride_lb + pixel_offsets(offs_p, W, stride_lh, stride_lw, LOGITS_CONTIGUOUS)
+    step = tl.full([], 0, tl.int64) + stride_lk  # int64 even when stride_lk is a specialised 1
+    x = tl.load(x_ptrs, mask=valid, other=0.0).to(ACC_DTYPE)
+    m = x  # running max and sum of exp(x - m) over the classes seen so far
+    s = tl.full([BLOCK_P], 1.0, dtype=ACC_DTYPE)
+    x_target = tl.where(target == 0, x, 0.0)
+    for k in range(1, K):
+        x_ptrs += step
+        x = tl.load(x_ptrs, mask=valid, other=0.0).to(ACC_DTYPE)
+        d = x - m
+        e = tl.exp(-tl.abs(d))
+        s = tl.where(d > 0, s * e + 1.0, s + e)
+        m = tl.maximum(m, x)
+        x_target = tl.where(target == k, x, x_target)
+    lse = m + tl.log(s)
     loss = tl.where(valid, lse - x_target, 0.0)
 
-    pid = b * tl.num_programs(0) + pid_p
-    tl.store(part_loss_ptr + pid, tl.sum(loss, axis=0))
-    tl.store(part_count_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+    out = b * HW + offs_p
+    tl.store(lse_ptr + out, lse, mask=mask_p)
+    tl.store(target_ptr + out, target.to(tl.int8), mask=mask_p)
+    R: tl.constexpr = BLOCK_P // MIN_BLOCK_P
+    offs_r = tl.arange(0, R)
+    slot = pid_p * R + offs_r
+    first = offs_r == 0
+    tl.store(part_loss_ptr + b * n_slots + slot, tl.where(first, tl.sum(loss, axis=0), 0.0), mask=slot < n_slots)
+    tl.store(part_count_ptr + b * n_slots + slot, tl.where(first, tl.sum(valid.to(tl.int32), axis=0), 0),
+             mask=slot < n_slots)
 
 
 @triton.jit
@@ -122,7 +146,7 @@ def _consensus_ce_finalize_kernel(
     part_loss_ptr, part_count_ptr, loss_ptr, count_ptr, N,
     ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Sum the per-program partials in a fixed order: loss = Σ loss / max(Σ valid, 1)."""
+    """Sum the per-slot partials in a fixed order: loss = Σ loss / max(Σ valid, 1)."""
     offs = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], dtype=ACC_DTYPE)
     count = tl.zeros([BLOCK], dtype=tl.int32)
@@ -135,89 +159,88 @@ def _consensus_ce_finalize_kernel(
     tl.store(count_ptr, n_valid)
 
 
+@triton.autotune(**_TUNING)
 @triton.jit
 def _consensus_ce_bwd_kernel(
-    logits_ptr, prob_ptr, feat_ptr, grad_out_ptr, count_ptr, grad_ptr,
-    K, HW, W, ignore_index,
-    stride_lb, stride_lk, stride_lh, stride_lw, stride_pb, stride_ph, stride_pw,
-    stride_qb, stride_qh, stride_qw, stride_gb, stride_gk, stride_gh, stride_gw,
-    LOGITS_CONTIGUOUS: tl.constexpr, PROB_CONTIGUOUS: tl.constexpr, FEAT_CONTIGUOUS: tl.constexpr,
-    GRAD_CONTIGUOUS: tl.constexpr, ACC_DTYPE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    logits_ptr, lse_ptr, target_ptr, grad_out_ptr, count_ptr, grad_ptr,
+    K, HW, W,
+    stride_lb, stride_lk, stride_lh, stride_lw, stride_gb, stride_gk, stride_gh, stride_gw,
+    LOGITS_CONTIGUOUS: tl.constexpr, GRAD_CONTIGUOUS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_k = tl.arange(0, K_PAD)
-    prob, valid, x = _load_consensus_tile(
-        logits_ptr, prob_ptr, feat_ptr, b, offs_p, offs_k, K, HW, W, ignore_index,
-        stride_lb, stride_lk, stride_lh, stride_lw, stride_pb, stride_ph, stride_pw,
-        stride_qb, stride_qh, stride_qw,
-        LOGITS_CONTIGUOUS, PROB_CONTIGUOUS, FEAT_CONTIGUOUS, ACC_DTYPE,
-    )
+    mask_p = offs_p < HW
+    target = tl.load(target_ptr + b * HW + offs_p, mask=mask_p, other=-1).to(tl.int32)
+    valid = target >= 0
+    lse = tl.load(lse_ptr + b * HW + offs_p, mask=mask_p, other=0.0)
     scale = tl.load(grad_out_ptr).to(ACC_DTYPE) / tl.maximum(tl.load(count_ptr), 1).to(ACC_DTYPE)
-    real_k = (offs_k < K)[:, None]
-    x_max = tl.max(tl.where(real_k, x, float("-inf")), axis=0)
-    e = tl.where(real_k, tl.exp(x - x_max[None, :]), 0.0)
-    softmax = e / tl.sum(e, axis=0)[None, :]
-    onehot = tl.where(offs_k[:, None] == prob[None, :], 1.0, 0.0)
-    grad = tl.where(valid[None, :], (softmax - onehot) * scale, 0.0)
 
-    pix = pixel_offsets(offs_p, W, stride_gh, stride_gw, GRAD_CONTIGUOUS)
-    g_ptrs = grad_ptr + b.to(tl.int64) * stride_gb + offs_k.to(tl.int64)[:, None] * stride_gk + pix[None, :]
-    tl.store(g_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=real_k & (offs_p < HW)[None, :])
+    x_ptrs = logits_ptr + b * stride_lb + pixel_offsets(offs_p, W, stride_lh, stride_lw, LOGITS_CONTIGUOUS)
+    g_ptrs = grad_ptr + b * stride_gb + pixel_offsets(offs_p, W, stride_gh, stride_gw, GRAD_CONTIGUOUS)
+    x_step = tl.full([], 0, tl.int64) + stride_lk
+    g_step = tl.full([], 0, tl.int64) + stride_gk
+    for k in range(K):
+        x = tl.load(x_ptrs, mask=valid, other=0.0).to(ACC_DTYPE)
+        p = tl.exp(x - lse)
+        grad = tl.where(valid, (p - (target == k).to(ACC_DTYPE)) * scale, 0.0)
+        tl.store(g_ptrs, grad.to(grad_ptr.dtype.element_ty), mask=mask_p)
+        x_ptrs += x_step
+        g_ptrs += g_step
 
 
-def _launch_args(logits, prob_labels, feat_labels):
-    K = logits.shape[1]
-    H, W = logits.shape[-2:]
-    k_pad = max(2, triton.next_power_of_2(K))
-    block_p = max(32, (8192 if not interpreting() else 16384) // k_pad)
-    grid = (triton.cdiv(H * W, block_p), logits.shape[0])
-    strides = (*logits.stride(), *prob_labels.stride(), *feat_labels.stride())
-    flags = dict(
+def _consensus_ce_forward(logits, prob_labels, feat_labels, ignore_index):
+    """The forward launches: (loss, n_valid, lse [B, H, W], target int8 [B, H, W] with -1 on invalid
+    pixels). The last two are what the backward reads instead of the label maps."""
+    B, K, H, W = logits.shape
+    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    device = logits.device
+    n_slots = triton.cdiv(H * W, MIN_BLOCK_P)
+    lse = torch.empty((B, H, W), dtype=acc_dtype, device=device)
+    target = torch.empty((B, H, W), dtype=torch.int8, device=device)
+    part_loss = torch.empty(B * n_slots, dtype=acc_dtype, device=device)
+    part_count = torch.empty(B * n_slots, dtype=torch.int32, device=device)
+    ACC_DTYPE = tl.float64 if acc_dtype == torch.float64 else tl.float32
+    grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), B)
+    _consensus_ce_fwd_kernel[grid](
+        logits, prob_labels, feat_labels, lse, target, part_loss, part_count,
+        K, H * W, W, ignore_index, n_slots,
+        *logits.stride(), *prob_labels.stride(), *feat_labels.stride(),
         LOGITS_CONTIGUOUS=pixels_contiguous(logits),
         PROB_CONTIGUOUS=pixels_contiguous(prob_labels),
         FEAT_CONTIGUOUS=pixels_contiguous(feat_labels),
-        ACC_DTYPE=tl.float64 if logits.dtype == torch.float64 else tl.float32,
-        K_PAD=k_pad,
-        BLOCK_P=block_p,
+        ACC_DTYPE=ACC_DTYPE,
+        MIN_BLOCK_P=MIN_BLOCK_P,
     )
-    return grid, strides, flags
+    loss = torch.empty((), dtype=acc_dtype, device=device)
+    n_valid = torch.empty((), dtype=torch.int32, device=device)
+    _consensus_ce_finalize_kernel[(1,)](
+        part_loss, part_count, loss, n_valid, B * n_slots, ACC_DTYPE=ACC_DTYPE, BLOCK=1024,
+    )
+    return loss, n_valid, lse, target
 
 
 class ConsensusCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, prob_labels, feat_labels, ignore_index):
-        B, K, H, W = logits.shape
-        acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        grid, strides, flags = _launch_args(logits, prob_labels, feat_labels)
-        n_parts = grid[0] * grid[1]
-        part_loss = torch.empty(n_parts, dtype=acc_dtype, device=logits.device)
-        part_count = torch.empty(n_parts, dtype=torch.int32, device=logits.device)
-        _consensus_ce_fwd_kernel[grid](
-            logits, prob_labels, feat_labels, part_loss, part_count,
-            K, H * W, W, ignore_index, *strides, **flags, num_warps=8,
-        )
-        loss = torch.empty((), dtype=acc_dtype, device=logits.device)
-        n_valid = torch.empty((), dtype=torch.int32, device=logits.device)
-        _consensus_ce_finalize_kernel[(1,)](
-            part_loss, part_count, loss, n_valid, n_parts, ACC_DTYPE=flags["ACC_DTYPE"], BLOCK=1024,
-        )
-        ctx.save_for_backward(logits, prob_labels, feat_labels, n_valid)
-        ctx.ignore_index = ignore_index
+        loss, n_valid, lse, target = _consensus_ce_forward(logits, prob_labels, feat_labels, ignore_index)
+        ctx.save_for_backward(logits, lse, target, n_valid)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        logits, prob_labels, feat_labels, n_valid = ctx.saved_tensors
+        logits, lse, target, n_valid = ctx.saved_tensors
         B, K, H, W = logits.shape
         grad = torch.empty_like(logits)
-        grid, strides, flags = _launch_args(logits, prob_labels, feat_labels)
+        grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), B)
         _consensus_ce_bwd_kernel[grid](
-            logits, prob_labels, feat_labels, grad_output.contiguous(), n_valid, grad,
-            K, H * W, W, ctx.ignore_index, *strides, *grad.stride(),
-            **flags, GRAD_CONTIGUOUS=pixels_contiguous(grad), num_warps=8,
+            logits, lse, target, grad_output.contiguous(), n_valid, grad,
+            K, H * W, W, *logits.stride(), *grad.stride(),
+            LOGITS_CONTIGUOUS=pixels_contiguous(logits),
+            GRAD_CONTIGUOUS=pixels_contiguous(grad),
+            ACC_DTYPE=tl.float64 if lse.dtype == torch.float64 else tl.float32,
         )
         return grad, None, None, None
 

@@ -72,3 +72,52 @@ def test_gpu_check_dry_run(tmp_path):
     assert "--- parity: ok" in log and "--- bench: ok" in log
     assert "MISMATCH" not in log
     assert (tmp_path / "out" / "kernels.csv").stat().st_size > 0
+
+
+def _fake_runs(monkeypatch):
+    """Every bench command's runner replaced by one that records the CSV path it was given."""
+    from diga_fast.benchmarks import compile_report, infer, train
+
+    paths = {}
+    monkeypatch.setattr(kernels, "run", lambda **kw: paths.setdefault("kernels", kw["csv_path"]) and [])
+    monkeypatch.setattr(infer, "run", lambda **kw: paths.setdefault("infer", kw["csv_path"]) and [])
+    monkeypatch.setattr(train, "run", lambda **kw: paths.setdefault("train", kw["csv_path"]) and [])
+    monkeypatch.setattr(compile_report, "main",
+                        lambda argv: paths.setdefault("compile", argv[argv.index("--csv") + 1]) and 0)
+    return paths
+
+
+BENCH_COMMANDS = {"kernels": ["--quick"], "infer": [], "train": [], "compile": []}
+
+
+def test_bench_commands_write_under_the_current_directory_by_default(tmp_path, monkeypatch):
+    """No bench command appends to the tracked benchmarks/results/*.csv unless told to (--record)."""
+    paths = _fake_runs(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    for name, argv in BENCH_COMMANDS.items():
+        result = CliRunner().invoke(bench, [name, *argv])
+        assert result.exit_code == 0, result.output
+    assert paths == {name: f"diga-bench/{name}.csv" for name in BENCH_COMMANDS}
+
+
+def test_bench_record_appends_to_the_source_tree(tmp_path, monkeypatch):
+    from diga_fast.benchmarks.results_csv import RESULTS_DIR
+
+    paths = _fake_runs(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    for name, argv in BENCH_COMMANDS.items():
+        result = CliRunner().invoke(bench, [name, *argv, "--record"])
+        assert result.exit_code == 0, result.output
+        both = CliRunner().invoke(bench, [name, *argv, "--record", "--csv", "x.csv"])
+        assert both.exit_code != 0 and "not both" in both.output
+    assert paths == {name: str(RESULTS_DIR / f"{name}.csv") for name in BENCH_COMMANDS}
+    assert RESULTS_DIR.name == "results" and (RESULTS_DIR.parent / "kernels.py").is_file()
+
+
+def test_record_refused_outside_a_checkout(tmp_path, monkeypatch):
+    from diga_fast.benchmarks import results_csv
+
+    _fake_runs(monkeypatch)
+    monkeypatch.setattr(results_csv, "RESULTS_DIR", tmp_path / "site-packages" / "benchmarks" / "results")
+    result = CliRunner().invoke(bench, ["kernels", "--quick", "--record"])
+    assert result.exit_code != 0 and "--csv" in result.output

@@ -50,7 +50,22 @@ def test_every_kernel_compiles_without_spills(rows):
         assert r["target"] == "sm_90a" and r["triton"]
         assert int(r["registers"]) > 0
         assert int(r["spill_instructions"]) == 0 and int(r["local_bytes"]) == 0, r
-        assert int(r["programs_per_sm"]) >= 1, r
+        assert int(r["programs_per_sm"]) >= 2, r  # the issue's target until a GPU measures
+
+
+@pytest.mark.slow
+def test_what_the_tuning_bought(rows):
+    """Regressions the compile report catches: the online-softmax consensus kernels reduce across
+    threads only for the per-program loss sums (none in the class loop, none at all backward), and
+    every assign_centroids case has a tuned variant whose feature tile is swizzled for the MMA."""
+    for r in rows:
+        if r["kernel"] == "consensus_ce_bwd":
+            assert int(r["bar_sync"]) == 0, r
+        if r["kernel"] == "consensus_ce_fwd":
+            assert int(r["bar_sync_in_loops"]) == 0 and int(r["bar_sync"]) <= 8, r
+    assign = [r for r in rows if r["kernel"] == "assign_centroids"]
+    for case in {r["case"] for r in assign}:
+        assert any(r["unswizzled_smem"] == "0" for r in assign if r["case"] == case), case
 
 
 def test_occupancy_model():
@@ -66,13 +81,14 @@ def test_ptx_parsing():
 $L__BB0_1:
     @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
     ld.global.b16 %rs1, [ %rd2 + 0 ];
+    ld.global.L1::evict_first.v2.b32 { %r9, %r10 }, [ %rd5 + 0 ];
     cp.async.cg.shared.global [ %r5 + 0 ], [ %rd3 + 0 ], 0x10, %r6;
     bar.sync 0;
     @%p2 bra $L__BB0_1;
     st.global.v2.b32 [ %rd4 + 0 ], { %r7, %r8 };
     bar.sync 0;
 """
-    assert compile_report._widths(ptx, "ld.global") == "16Bx1 2Bx1"
+    assert compile_report._widths(ptx, "ld.global") == "16Bx1 8Bx1 2Bx1"
     assert compile_report._widths(ptx, "st.global") == "8Bx1"
     assert compile_report._cp_async(ptx) == "16Bx1"
     assert compile_report._barriers(ptx) == (2, 1)
@@ -84,3 +100,27 @@ def test_cli_compile(monkeypatch):
     result = CliRunner().invoke(bench, ["compile", "--csv", "x.csv", "--target", "sm_80", "--op", "crdomix_blend"])
     assert result.exit_code == 0, result.output
     assert calls == [["--csv", "x.csv", "--target=sm_80", "--op=crdomix_blend"]]
+
+
+def test_unswizzled_buffers_counted_from_the_ttgir():
+    ttgir = """#shared = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [1, 0]}>
+#shared1 = #ttg.swizzled_shared<{vec = 4, perPhase = 2, maxPhase = 4, order = [1, 0]}>
+    %f = ttg.local_alloc : () -> !ttg.memdesc<3x16x128xf32, #shared, #smem, mutable> loc(#loc1)
+    %c = ttg.local_alloc : () -> !ttg.memdesc<3x32x16xf32, #shared1, #smem, mutable> loc(#loc2)
+"""
+    assert compile_report._unswizzled_buffers(ttgir) == 1
+    labels = """#shared = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [0]}>
+    %l = ttg.local_alloc : () -> !ttg.memdesc<2x32xi64, #shared, #smem, mutable> loc(#loc1)
+"""
+    assert compile_report._unswizzled_buffers(labels) == 0  # 1-D: feeds no MMA
+    assert compile_report._unswizzled_buffers(ttgir.replace("vec = 1,", "vec = 8,")) == 0
+
+
+def test_results_csv_rewritten_when_the_columns_change(tmp_path):
+    from diga_fast.benchmarks.results_csv import append_rows
+
+    out = tmp_path / "r.csv"
+    append_rows([{"a": 1, "b": 2}], out, ["a", "b"])
+    append_rows([{"a": 3, "b": 4, "c": 5}], out, ["a", "b", "c"])
+    with out.open() as f:
+        assert list(csv.DictReader(f)) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "4", "c": "5"}]

@@ -1,8 +1,13 @@
 """assign_centroids: Triton (interpreted on CPU, compiled on a GPU) and the torch path against an
 independent float64 computation (per-class broadcasting, no einsum, no expansion of the distance)."""
 
+import importlib
+
 import pytest
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from diga_fast.kernels import assign_centroids, assign_centroids_ref
 
@@ -156,3 +161,42 @@ def test_pixel_offsets_beyond_2_31():
     for metric in ("cosine", "l2"):
         labels, score = assign_centroids(features, centroids, metric, backend="triton")
         assert (labels == 1).all(), labels
+
+
+@pytest.mark.parametrize("norm_load", [True, False], ids=["second_load", "shared_tile"])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_both_norm_variants_agree(norm_load, metric, monkeypatch):
+    """Both tuned variants (norms from a second load of the tile, or from the dot's own tile), at
+    several programs per image and channel steps: the same labels, scores within fp32 rounding."""
+    module = importlib.import_module("diga_fast.kernels.assign_centroids")
+    torch.manual_seed(11)
+    features = torch.randn(2, 37, 11, 13, device=DEVICE)
+    centroids = torch.randn(19, 37, device=DEVICE)
+    config = triton.Config({"BLOCK_P": 64, "BLOCK_C": 16, "NORM_LOAD": norm_load}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(module._assign_centroids_kernel, "configs", [config])
+    labels, score = assign_centroids(features, centroids, metric, backend="triton")
+    sim = exact_similarity(features, centroids, metric)
+    assert torch.equal(labels, sim.argmax(dim=1))
+    torch.testing.assert_close(score.double(), exact_score(sim, metric), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_centroids_split_for_16_bit_features(metric):
+    """For fp16/bf16 features (exact in tf32) the centroids are prepared as hi + lo, both exact in tf32:
+    the kernel's two products are then tf32x3's whole sum."""
+    from diga_fast.kernels.assign_centroids import _prepare_centroids_kernel
+
+    torch.manual_seed(12)
+    K, C = 19, 70
+    centroids = torch.randn(K, C, device=DEVICE) * torch.logspace(-3, 3, C, device=DEVICE)
+    out = torch.empty(2, K, C, device=DEVICE)
+    sq = torch.empty(K, device=DEVICE)
+    duplicate = torch.empty(K, dtype=torch.int32, device=DEVICE)
+    _prepare_centroids_kernel[(K,)](
+        centroids, out, sq, duplicate, C, *centroids.stride(),
+        NORMALIZE=metric == "cosine", SPLIT=True, EPS=1e-12, ACC_DTYPE=tl.float32, K_PAD=32, BLOCK_C=64,
+    )
+    rows = F.normalize(centroids.double(), dim=1) if metric == "cosine" else centroids.double()
+    assert (out.view(torch.int32) & 0x1FFF == 0).all()
+    assert ((out[0].double() + out[1].double() - rows).abs() <= rows.abs() * 2.0**-21).all()
+    torch.testing.assert_close(sq.double(), (rows * rows).sum(dim=1), rtol=1e-5, atol=0)

@@ -3,8 +3,11 @@ formulation), including labels outside [0, K), the ignore index and empty classe
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from diga_fast.kernels import class_feature_sums, class_feature_sums_ref
+from diga_fast.kernels._common import round_to_tf32
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -176,3 +179,28 @@ def test_deterministic_across_runs_and_block_counts(dtype):
         others.append(_class_feature_sums_triton(features, labels, 5, 255, block_c=16))
     for other in others:
         assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+
+
+@triton.jit
+def _split_kernel(x_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    hi = round_to_tf32(x)
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo_ptr + offs, round_to_tf32(x - hi))
+
+
+def test_fp32_split_into_two_tf32_parts_is_exact_enough():
+    """fp32 features go to the tensor cores as hi + lo, both rounded to tf32 (as cvt.rna.tf32): hi
+    keeps 10 mantissa bits, and hi + lo is within 2**-22 of the feature, the accuracy of tf32x3 (whose
+    third product, the one-hot's low part, is zero here)."""
+    torch.manual_seed(7)
+    x = torch.randn(1024, device=DEVICE) * torch.logspace(-20, 20, 1024, device=DEVICE)
+    x[:4] = torch.tensor([0.0, -0.0, 1.0 + 2**-11, 1.0 + 3 * 2**-12])  # zeros, a tie, a round-up
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_kernel[(1,)](x, hi, lo, N=1024)
+    for part in (hi, lo):
+        assert (part.view(torch.int32) & 0x1FFF == 0).all()  # exact in tf32
+    assert hi[2].item() == 1.0 + 2**-10 and hi[3].item() == 1.0 + 2**-10  # ties away from zero
+    assert ((x - hi).abs() <= x.abs() * 2.0**-11).all()
+    assert ((x.double() - hi.double() - lo.double()).abs() <= x.abs().double() * 2.0**-22).all()

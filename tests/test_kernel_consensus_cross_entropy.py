@@ -188,3 +188,80 @@ def test_class_offsets_beyond_2_31():
     loss = consensus_cross_entropy(logits, labels, labels, backend="triton")
     expected = torch.logsumexp(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), 0) - 2.0
     assert abs(loss.item() - expected.item()) < 1e-3, loss.item()
+
+
+def test_forward_saves_log_sum_exp_and_targets_only():
+    """The forward keeps a per-pixel log-sum-exp and target (int8, -1 where not valid) for the backward,
+    which then reads neither label map again: changing them after the forward changes nothing."""
+    from diga_fast.kernels.consensus_cross_entropy import _consensus_ce_forward
+
+    torch.manual_seed(6)
+    B, K, H, W = 2, 19, 7, 11
+    logits = 4 * torch.randn(B, K, H, W, device=DEVICE)
+    prob, feat = make_labels(B, K, H, W, seed=6)
+    _, n_valid, lse, target = _consensus_ce_forward(logits, prob, feat, 255)
+    valid = (prob == feat) & (prob != 255)
+    assert lse.shape == target.shape == (B, H, W) and lse.dtype == torch.float32 and target.dtype == torch.int8
+    assert n_valid.item() == valid.sum().item()
+    assert torch.equal(target.long(), torch.where(valid, prob, -1))
+    torch.testing.assert_close(lse[valid].double(), torch.logsumexp(logits.double(), dim=1)[valid], rtol=1e-6, atol=1e-6)
+
+    x = logits.clone().requires_grad_(True)
+    out = consensus_cross_entropy(x, prob, feat, backend="triton")
+    saved = out.grad_fn.saved_tensors
+    assert [tuple(t.shape) for t in saved] == [(B, K, H, W), (B, H, W), (B, H, W), ()]
+    assert [t.dtype for t in saved[1:3]] == [torch.float32, torch.int8]
+    prob.fill_(255)  # the label maps are not saved: the gradient below is that of the original labels
+    (grad,) = torch.autograd.grad(out, x)
+    _, ref_grad = loss_and_grad(exact_loss, logits.double(), *make_labels(B, K, H, W, seed=6))
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_online_softmax_at_extreme_scales(scale, backend):
+    """The running max keeps the one-exp-per-logit update finite for logits of any magnitude."""
+    torch.manual_seed(7)
+    B, K, H, W = 1, 19, 5, 9
+    logits = scale * torch.randn(B, K, H, W, device=DEVICE)
+    prob, feat = make_labels(B, K, H, W, agree=0.9, seed=7)
+    loss, grad = loss_and_grad(consensus_cross_entropy, logits, prob, feat, backend=backend)
+    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, feat)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_one_and_two_classes(K):
+    torch.manual_seed(8)
+    logits = torch.randn(2, K, 3, 5, device=DEVICE)
+    prob = torch.randint(0, K, (2, 3, 5), device=DEVICE)
+    loss, grad = loss_and_grad(consensus_cross_entropy, logits, prob, prob, backend="triton")
+    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, prob)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_several_programs_per_image_fill_every_partial_slot():
+    """H·W over one block: several programs per image, the last one's spare slots beyond the end."""
+    torch.manual_seed(9)
+    B, K, H, W = 2, 16, 40, 41  # 1640 pixels: 7 slots of 256, two programs of 1024 under the interpreter
+    logits = torch.randn(B, K, H, W, device=DEVICE)
+    prob, feat = make_labels(B, K, H, W, seed=9)
+    loss, grad = loss_and_grad(consensus_cross_entropy, logits, prob, feat, backend="triton", scale=0.5)
+    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, feat, scale=0.5)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_gradcheck_float64_several_programs():
+    """float64 end to end (fp64 accumulators, fp64 saved log-sum-exp) across two programs per image."""
+    torch.manual_seed(10)
+    B, K, H, W = 1, 3, 33, 34  # 1122 pixels
+    logits = torch.randn(B, K, H, W, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    prob, feat = make_labels(B, K, H, W, agree=0.6, seed=10)
+    assert torch.autograd.gradcheck(
+        lambda x: consensus_cross_entropy(x, prob, feat, backend="triton"), (logits,), eps=1e-6, atol=1e-7,
+        fast_mode=True,
+    )
