@@ -11,7 +11,7 @@ import triton.language as tl
 
 from diga_fast.kernels import assign_centroids, assign_centroids_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_helpers import DEVICE, huge_fp16_buffer
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -139,14 +139,6 @@ def test_torch_path_takes_any_number_of_classes():
     assert torch.equal(labels, assign_centroids_ref(features, centroids)[0])
     with pytest.raises(ValueError, match="classes"):  # only the Triton path has a class limit
         assign_centroids(features, centroids, backend="triton")
-
-
-def huge_fp16_buffer(numel):
-    """A virtual buffer: torch.empty maps the pages, only the ones written are ever touched."""
-    try:
-        return torch.empty(numel, dtype=torch.float16, device=DEVICE)
-    except (RuntimeError, MemoryError) as err:
-        pytest.skip(f"cannot map a {numel * 2 / 2**30:.0f} GiB virtual buffer here: {err}")
 
 
 def test_pixel_offsets_beyond_2_31():

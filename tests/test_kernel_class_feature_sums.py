@@ -9,7 +9,7 @@ import triton.language as tl
 from diga_fast.kernels import class_feature_sums, class_feature_sums_ref
 from diga_fast.kernels._common import round_to_tf32
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_helpers import DEVICE, huge_fp16_buffer
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -135,14 +135,6 @@ def test_int64_labels_are_range_checked_before_narrowing(backend):
     ref_sums, ref_counts = loop_sums(features, torch.where(wide == 2**32 + 3, 255, wide), 19)
     assert torch.equal(counts, ref_counts)
     torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
-
-
-def huge_fp16_buffer(numel):
-    """A virtual buffer: torch.empty maps the pages, only the ones written are ever touched."""
-    try:
-        return torch.empty(numel, dtype=torch.float16, device=DEVICE)
-    except (RuntimeError, MemoryError) as err:
-        pytest.skip(f"cannot map a {numel * 2 / 2**30:.0f} GiB virtual buffer here: {err}")
 
 
 def test_channel_offsets_beyond_2_31():

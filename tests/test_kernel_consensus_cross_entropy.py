@@ -6,7 +6,7 @@ import torch
 
 from diga_fast.kernels import consensus_cross_entropy, consensus_cross_entropy_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_helpers import DEVICE, huge_fp16_buffer
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
@@ -165,14 +165,6 @@ def test_int64_labels_are_range_checked_before_narrowing(backend):
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
     assert (grad[:, :, 1] == 0).all()
-
-
-def huge_fp16_buffer(numel):
-    """A virtual buffer: torch.empty maps the pages, only the ones written are ever touched."""
-    try:
-        return torch.empty(numel, dtype=torch.float16, device=DEVICE)
-    except (RuntimeError, MemoryError) as err:
-        pytest.skip(f"cannot map a {numel * 2 / 2**30:.0f} GiB virtual buffer here: {err}")
 
 
 def test_class_offsets_beyond_2_31():
