@@ -10,34 +10,11 @@ from rich.console import Console
 from diga_fast.cli.common import FORCE, check_out_folder, parse_scales
 from diga_fast.config import DataConfig
 from diga_fast.errors import DigaError
-
-
-def check_output_file(path: str | None, option: str) -> None:
-    """Before any work: an output file must not be a folder, and its folder must exist and be writable or
-    be creatable (it is created, with its parents, when the file is written: :func:`make_parent`)."""
-    from diga_fast.utils.io import folder_problem
-
-    if path is None:
-        return
-    if Path(path).is_dir():
-        raise DigaError(f"{option} {path} is a folder; give a file name")
-    problem = folder_problem(Path(path).parent)
-    if problem:
-        raise DigaError(f"{option}: {problem}")
-
-
-def make_parent(path: str, option: str) -> Path:
-    """Create the folder of the output file ``path`` (with its parents)."""
-    from diga_fast.utils.io import make_parent as make
-
-    try:
-        return make(path)
-    except OSError as err:
-        raise DigaError(f"{option}: cannot create folder {Path(path).parent}: {err.strerror or err}") from None
+from diga_fast.utils.io import check_output_file
 
 
 def _write_json(path: str, data: dict) -> None:
-    from diga_fast.utils.io import write_json
+    from diga_fast.utils.io import make_parent, write_json
 
     make_parent(path, "--json")
     try:
@@ -72,7 +49,8 @@ def eval_command(checkpoint, onnx_path, pred_dir, target, split, scales, label_s
 
     if sum(x is not None for x in (checkpoint, onnx_path, pred_dir)) != 1:
         raise DigaError("give exactly one of --checkpoint, --onnx or --pred-dir")
-    check_output_file(json_path, "--json")
+    if json_path is not None:
+        check_output_file(json_path, "--json")
     spec = parse_dataset_spec(target)
     if synthetic_images is None:
         synthetic_images = DataConfig.synthetic_train_images if split == "train" else DataConfig.synthetic_val_images

@@ -28,7 +28,7 @@ def export(checkpoint, onnx_path, torchscript_path, pt2_path, argmax, fp16, lega
     from diga_fast.models.io import load_model
     from diga_fast.errors import DigaError
     from diga_fast.export import export_model
-    from diga_fast.export.api import check_output_path
+    from diga_fast.utils.io import check_output_file
     from diga_fast.export.torchscript import LEGACY_NOTE
 
     targets = {fmt: path for fmt, path in (("onnx", onnx_path), ("torchscript", torchscript_path), ("pt2", pt2_path)) if path}
@@ -37,7 +37,7 @@ def export(checkpoint, onnx_path, torchscript_path, pt2_path, argmax, fp16, lega
     if legacy and "onnx" not in targets:
         raise DigaError("--legacy selects the ONNX exporter: give --onnx too")
     for fmt, path in targets.items():
-        check_output_path(path, f"--{fmt}")
+        check_output_file(path, f"--{fmt}")
     model, meta = load_model(checkpoint)
     space = get_label_space(meta["label_space"])
     output = "labels int64 [B, H, W]" if argmax else f"logits float32 [B, {model.num_classes}, H, W]"

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from diga_fast.cli.common import FORCE, check_out_folder, labelling_options, labelling_recipe
-from diga_fast.cli.evaluate import check_output_file, make_parent
+from diga_fast.utils.io import check_output_file, make_parent
 from diga_fast.errors import DigaError
 
 _CHECKPOINT = click.option("--checkpoint", required=True, type=click.Path(), help="Warm-up (or self-training) run folder or .safetensors.")

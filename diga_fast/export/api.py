@@ -37,7 +37,7 @@ from diga_fast.export.wrapper import (
     weight_bytes,
 )
 from diga_fast.models import SegmentationModel
-from diga_fast.utils.io import folder_problem, make_parent
+from diga_fast.utils.io import check_output_file, make_parent
 
 FORMATS = ("onnx", "torchscript", "pt2")
 
@@ -54,18 +54,6 @@ class ExportResult:
     def summary(self) -> str:
         return (f"{self.format:<11} {self.path}  [{self.exporter}, {self.metadata.get('diga.precision')}, "
                 f"{self.size_bytes / 2**20:.1f} MiB]  {self.parity.summary()}")
-
-
-def check_output_path(path: str | Path, option: str) -> Path:
-    """``path`` as a file that can be written: not a folder, in a folder that exists or can be created
-    (it is, with its parents, when the file is written)."""
-    path = Path(path)
-    if path.is_dir():
-        raise DigaError(f"{option} {path} is a folder; give a file name")
-    problem = folder_problem(path.parent)
-    if problem:
-        raise DigaError(f"{option} {path}: {problem}")
-    return path
 
 
 def export_model(
@@ -87,7 +75,7 @@ def export_model(
         raise DigaError(f"unknown export format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
     if not targets:
         raise DigaError("nothing to export: give --onnx, --torchscript and/or --pt2")
-    paths = {fmt: check_output_path(path, f"--{fmt}") for fmt, path in targets.items()}
+    paths = {fmt: check_output_file(path, f"--{fmt}") for fmt, path in targets.items()}
     resolved = [p.resolve() for p in paths.values()]
     if len(set(resolved)) != len(resolved):
         raise DigaError("give each export format its own output file")

@@ -75,8 +75,27 @@ def folder_problem(folder: str | Path) -> str | None:
     return None
 
 
-def make_parent(path: str | Path) -> Path:
-    """Create the folder of the file ``path`` (and its parents); returns ``path``."""
+def check_output_file(path: str | Path, option: str) -> Path:
+    """Before any work: ``path`` (given as ``option``) can be written as a file: not a folder, in a
+    folder that exists or can be created (:func:`make_parent` creates it). One DigaError line if not."""
+    from diga_fast.errors import DigaError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise DigaError(f"{option} {path} is a folder; give a file name")
+    problem = folder_problem(path.parent)
+    if problem:
+        raise DigaError(f"{option}: {problem}")
+    return path
+
+
+def make_parent(path: str | Path, option: str = "output") -> Path:
+    """Create the folder of the file ``path`` (and its parents); returns ``path``."""
+    from diga_fast.errors import DigaError
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DigaError(f"{option}: cannot create folder {path.parent}: {err.strerror or err}") from None
     return path
