@@ -6,6 +6,8 @@ import functools
 
 import click
 
+from diga_fast.config import ARCHS
+
 # = diga_fast.benchmarks.kernels.OPS, spelled out so that `diga --help` does not import torch.
 KERNEL_OPS = ("assign_centroids", "consensus_cross_entropy", "crdomix_blend", "class_feature_sums")
 # = diga_fast.benchmarks.infer.IMPLS, likewise.
@@ -84,7 +86,7 @@ def _parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 @bench.command("infer")
-@click.option("--model", "models", multiple=True, type=click.Choice(["small", "deeplabv2_r50", "deeplabv2_r101"]),
+@click.option("--model", "models", multiple=True, type=click.Choice(ARCHS),
               help="Network with random weights (repeatable) [default: small].")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Time a trained checkpoint instead of --model.")
 @click.option("--sizes", default="512x1024,1024x2048", show_default=True, help="Comma-separated HxW input sizes.")
@@ -110,7 +112,7 @@ def infer_command(models, checkpoint, sizes, batch, repeats, impls, csv_path, th
 
 
 @bench.command("train")
-@click.option("--preset", type=click.Choice(["paper", "demo"]), default=None,
+@click.option("--preset", type=click.Choice(["paper", "paper-daformer", "demo"]), default=None,
               help="Recipe to time [default: paper on CUDA, demo on CPU].")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed iterations per setup.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed iterations first.")

@@ -10,6 +10,7 @@ import click
 from diga_fast.data import parse_dataset_spec
 from diga_fast.config import (
     ARCHS,
+    DAFORMER_ARCHS,
     PRESETS,
     absolute_paths,
     Recipe,
@@ -17,14 +18,15 @@ from diga_fast.config import (
     load_yaml,
     preset_recipe,
     recipe_from_dict,
+    use_network,
     validate_recipe,
 )
 from diga_fast.errors import DigaError
 
 
-_SOURCE = click.option("--source", default=None, help="Labelled source data: synthetic, gta5:ROOT, synthia:ROOT, cityscapes:ROOT [default: synthetic].")
-_TARGET = click.option("--target", default=None, help="Target data (unlabelled for adaptation; its val split is evaluated) [default: synthetic].")
-_PRESET = click.option("--preset", type=click.Choice(PRESETS), default=None, help="Recipe preset [default: demo on the built-in pair, paper on real data].")
+_SOURCE = click.option("--source", default=None, help="Labelled source data: synthetic, gta5:ROOT, synthia:ROOT, cityscapes:ROOT (or any labelled KIND:ROOT) [default: synthetic].")
+_TARGET = click.option("--target", default=None, help="Target data (unlabelled for adaptation; its val split is evaluated): synthetic, cityscapes:ROOT, acdc:ROOT[?cond=night], darkzurich:ROOT, bdd100k:ROOT, mapillary:ROOT, folder:ROOT, ... [default: synthetic].")
+_PRESET = click.option("--preset", type=click.Choice(PRESETS), default=None, help="Recipe preset [default: demo on the built-in pair, paper on real data; paper-daformer for a daformer network].")
 _CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML recipe file (e.g. a run's config.yaml) applied over the preset.")
 _SEED = click.option("--seed", type=int, default=None, help="Random seed (also of the built-in pair's images) [default: 0].")
 _DEVICE = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -41,7 +43,7 @@ def training_options(command):
     return _apply(command, [
         _SOURCE, _TARGET, _PRESET, _CONFIG,
         click.option("--model", "arch", type=click.Choice(ARCHS), default=None, help="Network (overrides the preset's)."),
-        click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Local ImageNet weights for the deeplabv2 backbone: the official DeepLab init (Scale.* keys) or a torchvision ResNet state dict (converted to the Caffe input on load)."),
+        click.option("--pretrained", type=click.Path(dir_okay=False), default=None, help="Local ImageNet weights of the backbone: for deeplabv2 the official DeepLab init (Scale.* keys) or a torchvision ResNet state dict (converted to the Caffe input on load); for daformer_mitb* the SegFormer release's mit_bX.pth or a Hugging Face SegformerModel file."),
         click.option("--iters", type=click.IntRange(min=1), default=None, help="Training iterations."),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (config.yaml, *.safetensors, state.pt, metrics.jsonl)."),
         _SEED, _DEVICE,
@@ -137,13 +139,14 @@ def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset
         source, target = source or "synthetic", target or "synthetic"
         source_spec, target_spec = parse_dataset_spec(source), parse_dataset_spec(target)
         if preset is None:
-            preset = "demo" if source_spec.is_synthetic and target_spec.is_synthetic else "paper"
+            preset = "demo" if source_spec.is_synthetic and target_spec.is_synthetic else (
+                "paper-daformer" if arch in DAFORMER_ARCHS else "paper")
         recipe = preset_recipe(preset, stage, source, target)
         if config_file:
             recipe = recipe_from_dict(load_yaml(config_file), base=recipe)
             recipe.stage = stage
         if arch is not None:
-            recipe.model.arch = arch
+            use_network(recipe, arch)
         if pretrained is not None:
             if not Path(pretrained).is_file():
                 raise DigaError(f"--pretrained: file not found: {pretrained}")
@@ -156,3 +159,14 @@ def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset
         recipe.train.iters = iters
     recipe = apply_overrides(recipe, overrides)
     return absolute_paths(validate_recipe(recipe) if check else recipe)
+
+
+def print_wide(console, renderable) -> None:
+    """Print ``renderable`` (e.g. a table with a column per class) at its natural width even where that is
+    wider than the console: the terminal wraps long lines, instead of rich cutting every cell to '…'.
+    Widens ``console`` for good (the commands make a console per table)."""
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update(width=10_000), renderable).maximum
+    console.width = max(console.width, width)
+    console.print(renderable)

@@ -17,22 +17,29 @@ def data() -> None:
     """Datasets: write the built-in pair in the real folder layouts; translate a source once."""
 
 
+LAYOUTS = ("gta5", "cityscapes", "bdd100k", "mapillary", "acdc", "darkzurich", "folder")
+
+
 @data.command("synth")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write gta5/ and cityscapes/ into.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write gta5/, cityscapes/, bdd100k/, mapillary/, acdc/, darkzurich/ and folder/ into.")
 @click.option("--train-images", type=click.IntRange(min=1), default=DataConfig.synthetic_train_images, show_default=True, help="Images per domain in the train split.")
 @click.option("--val-images", type=click.IntRange(min=1), default=DataConfig.synthetic_val_images, show_default=True, help="Target val images (what training, the demo and diga eval use).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def synth(out: str, train_images: int, val_images: int, seed: int) -> None:
     """Write the built-in synthetic -> real-looking pair as OUT/gta5 (GTA5 layout: images/, labels/
     with Cityscapes label ids) and OUT/cityscapes (leftImg8bit/ and gtFine/ with train and val splits),
-    so the real loaders read it: --source gta5:OUT/gta5 --target cityscapes:OUT/cityscapes."""
+    so the real loaders read it: --source gta5:OUT/gta5 --target cityscapes:OUT/cityscapes. The target
+    scenes are also written in the layouts of bdd100k/, mapillary/ (JPEG), acdc/ (spread over its four
+    conditions), darkzurich/ (night) and folder/ (JPEG with labels.yaml), each loaded as KIND:OUT/KIND."""
+    from diga_fast.data.domain_layouts import write_target_scene
     from diga_fast.data.layouts import write_cityscapes_layout, write_gta5_layout
     from diga_fast.data.synthetic import render_scene
     from diga_fast.engine.logging import progress_bar
 
     root = Path(out)
-    if (root / "gta5").exists() or (root / "cityscapes").exists():
-        raise DigaError(f"{root} already holds gta5/ or cityscapes/; choose an empty folder")
+    taken = [name for name in LAYOUTS if (root / name).exists()]
+    if taken:
+        raise DigaError(f"{root} already holds {', '.join(f'{name}/' for name in taken)}; choose an empty folder")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -43,6 +50,8 @@ def synth(out: str, train_images: int, val_images: int, seed: int) -> None:
     def scenes(domain: str, split: str, count: int):
         for index in range(count):
             image, label = render_scene(domain, split, index, seed)
+            if domain == "target":
+                write_target_scene(root, split, index, image, label)
             yield f"{index:05d}", image, label
             written[0] += 1
             tick(written[0])
@@ -54,7 +63,8 @@ def synth(out: str, train_images: int, val_images: int, seed: int) -> None:
             write_cityscapes_layout(root / "cityscapes", "val", scenes("target", "val", val_images))
     except OSError as err:
         raise DigaError(f"cannot write the pair into {root}: {err.strerror or err}") from None
-    click.echo(f"wrote {train_images} source images to {root / 'gta5'} and {train_images}+{val_images} target images to {root / 'cityscapes'}")
+    click.echo(f"wrote {train_images} source images to {root / 'gta5'} and {train_images}+{val_images} target images "
+               f"to {root / 'cityscapes'}, and the target images to {', '.join(str(root / n) for n in LAYOUTS[2:])}")
 
 
 @data.command("translate")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from diga_fast.cli.common import FORCE, check_out_folder, parse_scales
+from diga_fast.cli.common import FORCE, check_out_folder, parse_scales, print_wide
 from diga_fast.config import DataConfig
 from diga_fast.errors import DigaError
 from diga_fast.utils.io import check_output_file
@@ -27,64 +27,82 @@ def _write_json(path: str, data: dict) -> None:
 @click.option("--checkpoint", type=click.Path(), default=None, help="Run folder or .safetensors file to evaluate.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, help="An ONNX file from 'diga export', run in ONNX Runtime.")
 @click.option("--pred-dir", type=click.Path(), default=None, help="Folder of label-id prediction PNGs (matched by city_seq_frame).")
-@click.option("--target", default="synthetic", show_default=True, help="Labelled data: synthetic, cityscapes:ROOT, gta5:ROOT, synthia:ROOT.")
+@click.option("--target", "targets", multiple=True, metavar="KIND:ROOT",
+              help="Labelled data: synthetic, cityscapes:ROOT, gta5:ROOT, synthia:ROOT, bdd100k:ROOT, mapillary:ROOT, "
+                   "acdc:ROOT, darkzurich:ROOT, folder:ROOT. Repeat it for one table of several (rows: targets) "
+                   "[default: synthetic].")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
 @click.option("--scales", default="1.0", show_default=True, help="Inference scales; logits are max-combined (official: 1.0,0.5).")
 @click.option("--label-space", default=None, help="cityscapes19 or synthia16 [default: the checkpoint's; cityscapes19 for --pred-dir].")
 @click.option("--synthetic-images", type=click.IntRange(min=1), default=None,
               help=f"Images of the built-in pair's split [default: {DataConfig.synthetic_val_images} for val, "
                    f"{DataConfig.synthetic_train_images} for train: what training and the demo use].")
-@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images (of each target).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda[:N] or auto (with --onnx: the ONNX Runtime provider).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write {miou, iou, num_classes} here.")
-def eval_command(checkpoint, onnx_path, pred_dir, target, split, scales, label_space, synthetic_images, max_images, device, json_path) -> None:
-    """mIoU of a checkpoint, an ONNX export or prediction PNGs on a labelled split, from one confusion matrix."""
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help='Write {miou, iou, num_classes} here; with several --target, {"targets": [{target, miou, iou, num_classes}, ...]}.')
+def eval_command(checkpoint, onnx_path, pred_dir, targets, split, scales, label_space, synthetic_images, max_images, device, json_path) -> None:
+    """mIoU of a checkpoint, an ONNX export or prediction PNGs on a labelled split, from one confusion matrix
+    per target."""
     from diga_fast.data import build_dataset, parse_dataset_spec
     from diga_fast.data.labels import get_label_space
-    from diga_fast.models.io import load_model
-    from diga_fast.inference import evaluate_model, evaluate_prediction_folder
     from diga_fast.engine.device import resolve_device
     from diga_fast.engine.logging import progress_callback
-    from diga_fast.metrics import iou_table
+    from diga_fast.inference import evaluate_datasets, evaluate_prediction_folder
+    from diga_fast.models.io import load_model
 
     if sum(x is not None for x in (checkpoint, onnx_path, pred_dir)) != 1:
         raise DigaError("give exactly one of --checkpoint, --onnx or --pred-dir")
     if json_path is not None:
         check_output_file(json_path, "--json")
-    spec = parse_dataset_spec(target)
+    targets = targets or ("synthetic",)
+    specs = [parse_dataset_spec(target) for target in targets]
     if synthetic_images is None:
         synthetic_images = DataConfig.synthetic_train_images if split == "train" else DataConfig.synthetic_val_images
     if pred_dir is not None:
-        if spec.kind != "cityscapes":
-            raise DigaError("--pred-dir evaluates against Cityscapes ground truth: --target cityscapes:ROOT")
+        if len(specs) != 1 or specs[0].kind != "cityscapes":
+            raise DigaError("--pred-dir evaluates against Cityscapes ground truth: one --target cityscapes:ROOT")
         space = get_label_space(label_space or "cityscapes19")
-        dataset = build_dataset(spec, role="target", split=split, label_space=space)
-        summary = evaluate_prediction_folder(pred_dir, dataset, space)
-        title = f"{pred_dir} on {target} {split}"
-    elif onnx_path is not None:
+        dataset = build_dataset(specs[0], role="target", split=split, label_space=space)
+        _report([(targets[0], evaluate_prediction_folder(pred_dir, dataset, space))], pred_dir, split, json_path)
+        return
+    if onnx_path is not None:
         import torch
 
-        scale_values = parse_scales(scales)
-        segmenter, space = _onnx_segmenter(onnx_path, device, label_space, scale_values)
-        dataset = build_dataset(spec, role="target", split=split, label_space=space, synthetic_images=synthetic_images)
-        with progress_callback("eval") as progress:
-            summary = evaluate_model(segmenter, dataset, space, torch.device("cpu"), scales=scale_values,
-                                     max_images=max_images, progress=progress)
-        title = f"{onnx_path} ({segmenter.provider}) on {target} {split}"
+        segmenter, space = _onnx_segmenter(onnx_path, device, label_space, parse_scales(scales))
+        model, dev, what = segmenter, torch.device("cpu"), f"{onnx_path} ({segmenter.provider})"
     else:
         dev = resolve_device(device)
         model, meta = load_model(checkpoint)
         space = get_label_space(label_space or meta["label_space"])
         if space.num_classes != model.num_classes:
             raise DigaError(f"--label-space {space.name} has {space.num_classes} classes, the checkpoint predicts {model.num_classes}")
-        dataset = build_dataset(spec, role="target", split=split, label_space=space, synthetic_images=synthetic_images)
-        with progress_callback("eval") as progress:
-            summary = evaluate_model(model.to(dev), dataset, space, dev, scales=parse_scales(scales),
-                                     max_images=max_images, progress=progress)
-        title = f"{checkpoint} on {target} {split}"
-    Console().print(iou_table(summary, title=title))
+        model, what = model.to(dev), checkpoint
+    # every target is listed first, so that a bad one stops before any evaluation runs
+    datasets = [(target, build_dataset(spec, role="target", split=split, label_space=space,
+                                       synthetic_images=synthetic_images))
+                for target, spec in zip(targets, specs)]
+    results = evaluate_datasets(model, datasets, space, dev,
+                                lambda name: progress_callback("eval" if len(datasets) == 1 else f"eval {name}"),
+                                scales=parse_scales(scales), max_images=max_images)
+    _report(results, what, split, json_path)
+
+
+def _report(results: list[tuple[str, dict]], what: str, split: str, json_path: str | None) -> None:
+    """One target: its per-class table and ``{miou, iou, num_classes}``; several: one table with a row per
+    target and ``{"targets": [{target, miou, iou, num_classes}, ...]}``."""
+    from diga_fast.metrics import iou_table, target_row, targets_table
+
+    rows = [target_row(target, summary) for target, summary in results]
+    if len(results) == 1:
+        target, summary = results[0]
+        Console().print(iou_table(summary, title=f"{what} on {target} {split}"))
+        data = {key: value for key, value in rows[0].items() if key != "target"}
+    else:
+        print_wide(Console(), targets_table(rows, title=f"{what} on {len(rows)} targets, {split} split (IoU %)"))
+        data = {"targets": rows}
     if json_path:
-        _write_json(json_path, {"miou": summary["miou"], "iou": summary["iou"], "num_classes": summary["num_classes"]})
+        _write_json(json_path, data)
 
 
 def _onnx_segmenter(onnx_path: str, device: str, label_space: str | None, scales: tuple[float, ...]):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from diga_fast.cli.common import check_out_folder, resolve_recipe, training_options, translator_training_options
+from diga_fast.cli.common import (
+    check_out_folder,
+    print_wide,
+    resolve_recipe,
+    training_options,
+    translator_training_options,
+)
 
 
 def _console() -> Console:
@@ -15,6 +21,45 @@ def _console() -> Console:
     return Console(quiet=not dist.current().is_main)
 
 
+_EVAL_TARGETS = click.option(
+    "--eval-targets", default=None, metavar="KIND:ROOT,...",
+    help="More labelled datasets (e.g. bdd100k:B,mapillary:M) whose val mIoU is reported beside the target's at "
+         "the end (and at every train.eval_every with train.select_on_val): the generalisation table, in eval.json. "
+         "Sets train.eval_targets.")
+
+
+_SELECT_ON_VAL = click.option(
+    "--select-on-val/--no-select-on-val", default=None,
+    help="Evaluate on target val every train.eval_every iterations and keep the best weights in best/, which later "
+         "stages take (the official model selection: it uses target labels; on in the paper preset). "
+         "Sets train.select_on_val.")
+
+
+def _fold_eval_targets(options: dict) -> dict:
+    """--eval-targets and --select-on-val as the KEY=VALUE overrides ``train.eval_targets=[...]`` and
+    ``train.select_on_val=...`` (which --resume also takes)."""
+    import json
+
+    from diga_fast.data import split_dataset_specs
+
+    text = options.pop("eval_targets")
+    if text is not None:
+        options["overrides"] = (*options["overrides"], f"train.eval_targets={json.dumps(split_dataset_specs(text))}")
+    select = options.pop("select_on_val", None)
+    if select is not None:
+        options["overrides"] = (*options["overrides"], f"train.select_on_val={str(select).lower()}")
+    return options
+
+
+def _print_summary(summary: dict, title: str) -> None:
+    """The target's per-class table, then the generalisation table when the run evaluated more datasets."""
+    from diga_fast.metrics import iou_table, targets_table
+
+    _console().print(iou_table(summary, title=title))
+    if summary.get("targets"):
+        print_wide(_console(), targets_table(summary["targets"], title="val IoU % of the target and every train.eval_targets dataset"))
+
+
 @click.group()
 def train() -> None:
     """Train a model: source (supervised baseline / oracle), and the DiGA stages."""
@@ -22,35 +67,37 @@ def train() -> None:
 
 @train.command("source")
 @training_options
+@_EVAL_TARGETS
+@_SELECT_ON_VAL
 def train_source_command(out, device, resume, force, **options) -> None:
     """Supervised training on --source (the source-only baseline); evaluates on --target val.
 
     The oracle on the built-in pair: --source synthetic:target (trains on the target's labels)."""
-    from diga_fast.metrics import iou_table
     from diga_fast.stages.source_only import train_source
 
-    recipe = resolve_recipe("source", out=out, resume=resume, **options)
+    recipe = resolve_recipe("source", out=out, resume=resume, **_fold_eval_targets(options))
     check_out_folder(out, "source", resume, force)
     summary = train_source(recipe, out, device=device, resume=resume)
-    console = _console()
-    console.print(iou_table(summary, title=f"target val ({recipe.data.target}) after {recipe.train.iters} iterations"))
-    console.print(f"run folder: {out}")
+    _print_summary(summary, f"target val ({recipe.data.target}) after {recipe.train.iters} iterations")
+    _console().print(f"run folder: {out}")
 
 
 @train.command("warmup")
 @training_options
+@_EVAL_TARGETS
+@_SELECT_ON_VAL
 def train_warmup_command(out, device, resume, force, **options) -> None:
     """DiGA stage 1: CE on the source + two-way distillation between the clean and the CrDoMix
     view with an EMA teacher (source data only; the target feeds the FDA translator).
 
-    Ablations: warmup.distill=false, warmup.crdomix=false, translator.kind=fda|cyclegan."""
-    from diga_fast.metrics import iou_table
+    Ablations: warmup.distill=false, warmup.crdomix=false, translator.kind=fda|cyclegan.
+    --eval-targets adds the paper's generalisation table (e.g. Cityscapes, BDD100K, Mapillary)."""
     from diga_fast.stages.warmup import train_warmup
 
-    recipe = resolve_recipe("warmup", out=out, resume=resume, **options)
+    recipe = resolve_recipe("warmup", out=out, resume=resume, **_fold_eval_targets(options))
     check_out_folder(out, "warmup", resume, force)
     summary = train_warmup(recipe, out, device=device, resume=resume)
-    _console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after {recipe.train.iters} warm-up iterations"))
+    _print_summary(summary, f"student on target val ({recipe.data.target}) after {recipe.train.iters} warm-up iterations")
     _console().print(f"run folder: {out}")
 
 
@@ -92,19 +139,20 @@ def inherit_init_recipe(recipe, init: str, overrides: tuple[str, ...]) -> None:
 @click.option("--init", "init", type=click.Path(), default=None, help="Warm-up run folder (or student .safetensors) to adapt.")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True, help="Self-training rounds (each relabels with the last student).")
 @training_options
+@_EVAL_TARGETS
+@_SELECT_ON_VAL
 def train_self_command(init, rounds, out, device, resume, force, **options) -> None:
     """DiGA stage 2: threshold-free bilateral-consensus self-training from a warm-up student.
 
     Probability labels and initial centroids are made from --init unless
     self_training.pseudo_labels=DIR / self_training.centroids=FILE name existing ones.
     Ablations: self_training.labels=consensus|prob|feat|threshold, self_training.metric=cosine|l2."""
-    from diga_fast.metrics import iou_table
     from diga_fast.stages.self_training import train_self_rounds
 
-    recipe = resolve_recipe("self", out=out, resume=resume, **options)
+    recipe = resolve_recipe("self", out=out, resume=resume, **_fold_eval_targets(options))
     check_out_folder(out, "self", resume, force)
     if not resume and init is not None:
         inherit_init_recipe(recipe, init, options["overrides"])
     summary = train_self_rounds(recipe, out, init, rounds=rounds, device=device, resume=resume)
-    _console().print(iou_table(summary, title=f"student on target val ({recipe.data.target}) after self-training"))
+    _print_summary(summary, f"student on target val ({recipe.data.target}) after self-training")
     _console().print(f"run folder: {out}")

@@ -1,6 +1,6 @@
 """How the ``paper`` preset compares with the official DiGA code (``diga-official-code.md``), element by
-element: the README's fidelity table is generated from here (``diga recipe table``), from the presets
-themselves, so it cannot drift: a test fails when a ``paper`` field changes and the README does not.
+element, and where each value of ``paper-daformer`` comes from (DAFormer or DiGA): the README's fidelity
+table is generated from here (``diga recipe table``), from the presets themselves, so it cannot drift: a test fails when a ``paper`` field changes and the README does not.
 
 Each row: the element, what the official code does, a function giving the value of a preset (of the
 stage the element belongs to), and whether the ``paper`` value is the official one. Rows whose official
@@ -47,7 +47,8 @@ def _aug(r: Recipe) -> str:
 def _init(r: Recipe) -> str:
     if r.model.pretrained and r.model.pretrained != "none":
         return r.model.pretrained
-    return "required: `--pretrained FILE` (refuses to start without)" if r.preset == "paper" else "random (small CPU net)"
+    return ("required: `--pretrained FILE` (refuses to start without)" if r.preset.startswith("paper")
+            else "random (small CPU net)")
 
 
 ROWS = (
@@ -123,12 +124,71 @@ ROWS = (
 )
 
 
+@dataclass(frozen=True)
+class DAFormerRow:
+    """A row of the ``paper-daformer`` table: where its value comes from (DAFormer's training of its
+    network, or DiGA's method as in ``paper``), that source's value, and the preset's."""
+
+    element: str
+    origin: str  # "DAFormer" | "DiGA"
+    reference: str
+    stage: str
+    value: Callable[[Recipe], str]
+
+
+def _optim(r: Recipe) -> str:
+    o = r.optim
+    if o.name == "adamw":
+        return (f"AdamW β {o.betas[0]:g}/{o.betas[1]:g}, lr {o.lr:g}, head ×{o.head_lr_mult:g}, wd {o.weight_decay:g} "
+                "(encoder norms 0)")
+    return f"SGD {o.momentum:g}, lr {o.lr:g}, head ×{o.head_lr_mult:g}, wd {o.weight_decay:g}"
+
+
+def _rcs(r: Recipe) -> str:
+    d = r.data
+    if not d.rare_class_sampling:
+        return "off"
+    return f"T {d.rcs_temperature:g}, > {d.rcs_min_pixels} px, crop ratio {d.rcs_min_crop_ratio:g}"
+
+
+DAFORMER_ROWS = (
+    DAFormerRow("network", "DAFormer", "MiT-B5 + context-aware fusion (256, sep. ASPP 1/6/12/18), dropout 0.1", "warmup",
+                lambda r: r.model.arch),
+    DAFormerRow("initialisation", "DAFormer", "ImageNet-1k MiT-B5 (SegFormer release)", "warmup", _init),
+    DAFormerRow("optimiser", "DAFormer", "AdamW β 0.9/0.999, lr 6e-05, head ×10, wd 0.01 (norms 0)", "warmup", _optim),
+    DAFormerRow("schedule", "DAFormer", "linear warm-up 1500 iterations from 1e-6×, poly 1.0", "warmup",
+                lambda r: f"warm-up {r.optim.warmup_iters}, poly {r.optim.poly_power:g}"),
+    DAFormerRow("crops and batch", "DAFormer", "GTA5 720×1280 (SYNTHIA 760×1280), CS 512×1024, no rescale, "
+                "512×512 crops, batch 2 + 2", "self",
+                lambda r: f"{_size(r.data.source_resize)} / {_size(r.data.target_resize)}, rescale "
+                          f"{_scale(r.data.source_scale)}, crop {_size(r.data.crop)}, batch {r.data.batch_size} + "
+                          f"{r.data.batch_size}"),
+    DAFormerRow("rare-class sampling", "DAFormer", "T 0.01, > 3000 px, crop ratio 0.5", "warmup", _rcs),
+    DAFormerRow("iterations", "DiGA", "80k per stage (SYNTHIA warm-up 60k); DAFormer: 40k", "warmup",
+                lambda r: str(r.train.iters)),
+    DAFormerRow("losses, EMA, CrDoMix, consensus, centroids, rounds", "DiGA", "as `paper` (table above)", "self",
+                lambda r: f"distillation λ {r.self_training.lambda_distill:g}, {r.self_training.labels}, "
+                          f"{r.self_training.metric}, EMA {r.self_training.centroid_momentum:g}"),
+    DAFormerRow("evaluation, model selection", "DiGA", "scales 1.0, 0.5; best on target val", "warmup",
+                lambda r: f"scales {', '.join(f'{s:g}' for s in r.data.eval_scales)}, "
+                          f"{'best on target val' if r.train.select_on_val else 'last weights'}"),
+)
+
+
 def fidelity_table(source: str = "gta5:GTA5", target: str = "cityscapes:CS") -> str:
-    """The Markdown table: element | official code | ``paper`` | ``demo`` | paper = official."""
+    """The Markdown tables: element | official code | ``paper`` | ``demo`` | paper = official; then
+    the ``paper-daformer`` preset, each value with its origin (DAFormer or DiGA)."""
     lines = ["| element | official code | `paper` | `demo` | `paper` = official |", "|---|---|---|---|---|"]
     for row in ROWS:
         paper = preset_recipe("paper", row.stage, source, target)
         demo = preset_recipe("demo", row.stage)
         lines.append(f"| {row.element} | {row.official} | {row.value(paper)} | {row.value(demo)} | "
                      f"{'yes' if row.matches(paper) else '**no**'} |")
+    note = ("`paper-daformer`: DiGA on DAFormer's network. DiGA's own settings for a transformer are not public "
+            "(its official code ships DeepLabV2 only), so the network is trained as DAFormer trains it and DiGA's "
+            "method is `paper`'s.")
+    lines += ["", note, "", "| element | from | reference value | `paper-daformer` |", "|---|---|---|---|"]
+    for row in DAFORMER_ROWS:
+        recipe = preset_recipe("paper-daformer", row.stage, source, target)
+        lines.append(f"| {row.element} | {row.origin} | {row.reference} | {row.value(recipe)} |")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ upsampled to the image). That is the one thing the PyTorch and ONNX Runtime path
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,10 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from PIL import Image
 
 from diga_fast.config import Recipe
-from diga_fast.data.build import target_val_dataset
+from diga_fast.data.build import eval_target_datasets, target_val_dataset
 from diga_fast.data.labels import LabelSpace
 from diga_fast.errors import DigaError
-from diga_fast.metrics import ConfusionMatrix, summarize
+from diga_fast.metrics import ConfusionMatrix, summarize, target_row
 from diga_fast.models import SegmentationModel, upsample_to
 from diga_fast.utils import dist
 from diga_fast.utils.io import save_png
@@ -105,6 +106,34 @@ def evaluate_on_target(model: SegmentationModel, recipe: Recipe, label_space: La
         scales=recipe.data.eval_scales, max_images=recipe.data.eval_max_images, bf16=recipe.train.bf16,
         progress=progress,
     )
+
+
+def evaluate_datasets(
+    model: SegmentationModel | LogitsFn,
+    datasets: Sequence[tuple[str, Dataset]],
+    label_space: LabelSpace,
+    device: torch.device,
+    progress_for: Callable[[str], contextlib.AbstractContextManager[Progress]] | None = None,
+    **options,
+) -> list[tuple[str, dict]]:
+    """``(name, summary)`` of ``model`` on each ``(name, dataset)``, one confusion matrix each (the
+    several-target table of ``diga eval`` and of ``train.eval_targets``); ``options`` as
+    :func:`evaluate_model`'s. ``progress_for(name)`` opens the progress callback of one dataset."""
+    results = []
+    for name, dataset in datasets:
+        with progress_for(name) if progress_for is not None else contextlib.nullcontext() as progress:
+            results.append((name, evaluate_model(model, dataset, label_space, device, progress=progress, **options)))
+    return results
+
+
+def evaluate_generalisation(model: SegmentationModel, recipe: Recipe, label_space: LabelSpace, device: torch.device,
+                            progress_for: Callable[[str], contextlib.AbstractContextManager[Progress]] | None = None) -> list[dict]:
+    """The generalisation table: val mIoU of ``model`` on each of ``train.eval_targets`` with the recipe's
+    inference settings, one :func:`diga_fast.metrics.target_row` per dataset."""
+    results = evaluate_datasets(model, eval_target_datasets(recipe, label_space), label_space, device, progress_for,
+                                scales=recipe.data.eval_scales, max_images=recipe.data.eval_max_images,
+                                bf16=recipe.train.bf16)
+    return [target_row(name, summary) for name, summary in results]
 
 
 def _unreadable(path: Path) -> str | None:

@@ -130,4 +130,26 @@ def iou_table(summary: dict, title: str | None = None) -> RenderableType:
     return table if title is None else Group(Text(title, style="bold"), table)
 
 
-__all__ = ["ConfusionMatrix", "iou_table", "summarize"]
+def target_row(target: str, summary: dict) -> dict:
+    """One row of a several-dataset evaluation: ``{"target": "KIND:ROOT", "miou", "iou", "num_classes"}``."""
+    return {"target": target, "miou": summary["miou"], "iou": summary["iou"], "num_classes": summary["num_classes"]}
+
+
+def targets_table(rows: list[dict], title: str | None = None) -> RenderableType:
+    """A rich table of :func:`target_row` rows (the generalisation table): one row per dataset, columns
+    mIoU and the IoU of each class."""
+    table = Table()
+    table.add_column("target")
+    table.add_column(f"mIoU{rows[0]['num_classes']}", justify="right", style="bold")
+    for name in rows[0]["iou"]:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(row["target"], _fmt(row["miou"]), *(_fmt(v) for v in row["iou"].values()))
+    return table if title is None else Group(Text(title, style="bold"), table)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+__all__ = ["ConfusionMatrix", "iou_table", "summarize", "target_row", "targets_table"]

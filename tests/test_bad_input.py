@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import FAST, assert_one_line_error, run, tiny_source_run
@@ -269,7 +270,7 @@ def test_gta5_list_option_and_skip_bad(tmp_path, capsys):
 
 def test_select_on_val_keeps_the_best_and_later_commands_take_it(tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run(capsys, "train", "source", "--iters", "3", "--out", out, *FAST, "train.select_on_val=true",
+    code, _, err = run(capsys, "train", "source", "--iters", "3", "--out", out, "--select-on-val", *FAST,
                        "train.eval_every=1")
     assert code == 0, err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -281,3 +282,5 @@ def test_select_on_val_keeps_the_best_and_later_commands_take_it(tmp_path, capsy
     assert code == 0 and "using best/" in err and f"step {best['step']}" in err
     code, _, err = run(capsys, "train", "source", "--iters", "1", "--out", tmp_path / "x", *FAST, "train.select_on_val=true")
     assert_one_line_error(code, err, "needs train.eval_every > 0")
+    recipe = yaml.safe_load((out / "config.yaml").read_text())
+    assert recipe["train"]["select_on_val"] is True  # what --select-on-val sets

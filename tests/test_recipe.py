@@ -121,3 +121,28 @@ def test_recipe_show_prints_the_resolved_recipe(capsys):
     shown = yaml.safe_load(stdout)
     assert shown["train"]["iters"] == 7 and shown["train"]["ce_normalizer"] == "all"
     assert shown["translator"]["kind"] == "cyclegan" and shown["model"]["arch"] == "deeplabv2_r101"
+
+
+def test_train_threads_sets_the_stage_cpu_threads(tmp_path):
+    """``train.threads`` (the demo's 1) is what a stage's torch ops run with; 0 leaves torch's default."""
+    import torch
+
+    from diga_fast.config import validate_recipe
+    from diga_fast.stages.common import Stage
+
+    assert preset_recipe("demo", "warmup").train.threads == 1 and preset_recipe("paper", "warmup").train.threads == 0
+    recipe = preset_recipe("demo", "source")
+    recipe.train.threads = -1
+    with pytest.raises(DigaError, match="train.threads"):
+        validate_recipe(recipe)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        recipe.train.threads = 0
+        Stage(recipe, tmp_path / "run", "cpu", resume=False)
+        assert torch.get_num_threads() == 2
+        recipe.train.threads = 1
+        Stage(recipe, tmp_path / "run", "cpu", resume=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -95,3 +95,13 @@ def target_images(recipe: Recipe, label_space: LabelSpace) -> Dataset:
         return build(True)
     except DigaError:
         return build(False)  # raises again if the images themselves are the problem
+
+
+def eval_target_datasets(recipe: Recipe, label_space: LabelSpace) -> list[tuple[str, Dataset]]:
+    """``(spec, val split)`` of each of ``train.eval_targets`` (full size, labelled): the datasets of the
+    generalisation table a run reports beside its target."""
+    data = recipe.data
+    return [(spec, build_dataset(spec, role="target", split="val", label_space=label_space,
+                                 transform=eval_transform(None), synthetic_images=data.synthetic_val_images,
+                                 seed=recipe.train.seed))
+            for spec in recipe.train.eval_targets]

@@ -194,6 +194,31 @@ def _pngs_in(folder: Path) -> list[str]:
                       if e.name.lower().endswith(".png") and not e.name.startswith(".") and e.is_file())
 
 
+def _images_in(folder: Path) -> dict[str, Path]:
+    """Stem -> path of the image files (:data:`IMAGE_EXTENSIONS`, any case) directly in ``folder``, sorted
+    by stem (hidden files skipped); two files with one stem are an error."""
+    found: dict[str, Path] = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            stem, extension = os.path.splitext(entry.name)
+            if extension.lower() in IMAGE_EXTENSIONS and not entry.name.startswith(".") and entry.is_file():
+                if stem in found:
+                    raise DigaError(f"{found[stem]} and {folder / entry.name} are two images named {stem!r}; keep one")
+                found[stem] = folder / entry.name
+    return dict(sorted(found.items()))
+
+
+def _sequence_frames(image_root: Path, suffix: str) -> list[tuple[str, str]]:
+    """``(sequence, stem)`` of every ``image_root/SEQUENCE/STEM{suffix}`` (Cityscapes' cities, ACDC's and
+    Dark Zurich's recordings), sorted by sequence, then stem."""
+    frames = []
+    for sequence in sorted(d.name for d in os.scandir(image_root) if d.is_dir()):
+        with os.scandir(image_root / sequence) as entries:
+            frames += [(sequence, stem) for stem in
+                       sorted(e.name[: -len(suffix)] for e in entries if e.name.endswith(suffix))]
+    return frames
+
+
 def _read_list_file(list_file: str | os.PathLike, known: set[str], images: Path) -> list[str]:
     """Ids from a list file such as the official ``train_modified.txt``: one per line, with or
     without a folder and the ``.png`` extension; blank lines and ``#`` comments are skipped."""
@@ -428,20 +453,17 @@ class Cityscapes(SegmentationDataset):
             _require_dir(pseudo_root, f"pseudo-label folder {pseudo_root} does not exist")
         suffix = "_leftImg8bit.png"
         samples = []
-        for city in sorted(d.name for d in os.scandir(image_root) if d.is_dir()):
-            with os.scandir(image_root / city) as entries:
-                stems = sorted(e.name[: -len(suffix)] for e in entries if e.name.endswith(suffix))
-            for stem in stems:
-                name = f"{city}/{stem}"
-                image = image_root / city / f"{stem}{suffix}"
-                label = None
-                if use_gt:
-                    label = label_root / city / f"{stem}_gtFine_labelIds.png"
-                elif with_labels:
-                    label = pseudo_root / f"{name}.png"
-                if label is not None and not label.is_file():
-                    raise DigaError(f"image {image} has no label file {label}")
-                samples.append(Sample(name, image, label))
+        for city, stem in _sequence_frames(image_root, suffix):
+            name = f"{city}/{stem}"
+            image = image_root / city / f"{stem}{suffix}"
+            label = None
+            if use_gt:
+                label = label_root / city / f"{stem}_gtFine_labelIds.png"
+            elif with_labels:
+                label = pseudo_root / f"{name}.png"
+            if label is not None and not label.is_file():
+                raise DigaError(f"image {image} has no label file {label}")
+            samples.append(Sample(name, image, label))
         if not samples:
             raise DigaError(f"no *{suffix} images in the city folders of {image_root}")
         super().__init__(samples, label_space, transform, with_labels)

@@ -120,3 +120,41 @@ def synthia_id_lut(space: LabelSpace = SYNTHIA16) -> np.ndarray:
         if class_name in space.classes:
             lut[synthia_id] = space.classes.index(class_name)
     return lut
+
+
+def train_id_lut(space: LabelSpace = CITYSCAPES19) -> np.ndarray:
+    """uint8 lookup table, Cityscapes train id (0..18; 255 = ignore) -> class index of ``space`` (by class
+    name) or 255: how labels stored in train ids (BDD100K, mapped Mapillary, a ``folder``) reach a label
+    space. Every value above 18 maps to 255; callers check that only 0..18 and 255 occur."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for train_id, name in enumerate(_NAMES19):
+        if name in space.classes:
+            lut[train_id] = space.classes.index(name)
+    return lut
+
+
+MAPILLARY_FILE = "mapillary_vistas_v1.2.csv"  # package data of diga_fast.data, its source named inside
+MAPILLARY_MAX_ID = 65  # Vistas v1.2: 66 classes, ids 0..65 (65 = void--unlabeled)
+
+
+def mapillary_rows() -> list[tuple[int, str, int]]:
+    """``(Mapillary id, class name, Cityscapes train id or 255)`` for the 66 Vistas v1.2 classes, read from
+    the package data file :data:`MAPILLARY_FILE` (``#`` lines are its comments)."""
+    from importlib.resources import files
+
+    text = files("diga_fast.data").joinpath(MAPILLARY_FILE).read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    rows = []
+    for line in lines[1:]:  # lines[0] is the header: id,name,train_id
+        mapillary_id, name, train_id = line.split(",")
+        rows.append((int(mapillary_id), name, int(train_id)))
+    return rows
+
+
+def mapillary_lut(space: LabelSpace = CITYSCAPES19) -> np.ndarray:
+    """uint8 lookup table, Mapillary Vistas v1.2 id (0..65) -> class index of ``space`` or 255."""
+    to_space = train_id_lut(space)
+    lut = np.full(MAPILLARY_MAX_ID + 1, IGNORE_INDEX, dtype=np.uint8)
+    for mapillary_id, _, train_id in mapillary_rows():
+        lut[mapillary_id] = to_space[train_id]
+    return lut

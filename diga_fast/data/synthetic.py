@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -609,6 +610,32 @@ def render_scene(
     return image, lay.label
 
 
+class _SceneCache:
+    """Rendered scenes kept for the life of the process, shared by every dataset object (the stages of
+    ``diga demo`` build new datasets over the same scenes; each would otherwise render them again),
+    least recently used dropped first beyond ``budget`` bytes (the demo's 1,200 scenes take 160 MB)."""
+
+    def __init__(self, budget: int = 1 << 30) -> None:
+        self.budget, self.used = budget, 0
+        self.scenes: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def get(self, key: tuple) -> tuple[np.ndarray, np.ndarray]:
+        if key in self.scenes:
+            self.scenes.move_to_end(key)
+            return self.scenes[key]
+        image, label = render_scene(*key)
+        image.flags.writeable = label.flags.writeable = False  # shared by every later reader
+        self.scenes[key] = image, label
+        self.used += image.nbytes + label.nbytes
+        while self.used > self.budget and len(self.scenes) > 1:
+            _, (old_image, old_label) = self.scenes.popitem(last=False)
+            self.used -= old_image.nbytes + old_label.nbytes
+        return image, label
+
+
+_SCENES = _SceneCache()
+
+
 class SyntheticDomain(torch.utils.data.Dataset):
     """``num_images`` scenes of one domain and split. Items are dicts: ``image`` float32 [3, H, W] in
     [0, 1], ``label`` int64 [H, W] (when ``with_labels``), ``name``. A ``transform`` is called as
@@ -635,14 +662,9 @@ class SyntheticDomain(torch.utils.data.Dataset):
         self.transform = transform
         self.with_labels = with_labels
         self.num_classes = CITYSCAPES19.num_classes
-        self._scenes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # rendered once per process
 
     def _scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if index not in self._scenes:
-            image, label = render_scene(self.domain, self.split, index, self.seed, self.size)
-            image.flags.writeable = label.flags.writeable = False  # shared by every later epoch
-            self._scenes[index] = image, label
-        return self._scenes[index]
+        return _SCENES.get((self.domain, self.split, index, self.seed, self.size))  # rendered once per process
 
     def __len__(self) -> int:
         return self.num_images

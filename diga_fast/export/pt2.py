@@ -9,6 +9,7 @@ archive as the extra file ``diga.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -20,10 +21,21 @@ from diga_fast.export.onnx import quiet_export
 from diga_fast.export.wrapper import InferenceWrapper, torch_dynamic_shapes
 
 
+def size_oblivious():
+    """Trace with sizes treated as "not 0 or 1" without guarding on it. Without this, a map that is
+    more than one pixel wide in the example but one pixel wide at run time fails a guard: MiT's
+    key/value reduction of a 45-row input is such a map (ceil(45 / 4) // 8 = 1), though nothing in the
+    computation depends on it. A no-op on a PyTorch without the switch."""
+    config = getattr(getattr(torch.fx, "experimental", None), "_config", None)
+    if config is None or not hasattr(config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return config.patch(backed_size_oblivious=True)
+
+
 def export_program(wrapper: InferenceWrapper, example: torch.Tensor) -> torch.export.ExportedProgram:
     wrapper.eval()
     try:
-        with quiet_export(), torch.no_grad():
+        with quiet_export(), torch.no_grad(), size_oblivious():
             return torch.export.export(wrapper, (example,), dynamic_shapes=torch_dynamic_shapes())
     except Exception as err:  # noqa: BLE001
         raise DigaError(f"torch.export failed: {type(err).__name__}: {' '.join(str(err).split())[:400]}") from None

@@ -28,15 +28,16 @@ from torch.profiler import record_function
 from torch.utils.data import Dataset
 
 from diga_fast.config import Recipe
-from diga_fast.data.build import target_val_dataset
+from diga_fast.data.build import eval_target_datasets, target_val_dataset
 from diga_fast.data.labels import get_label_space
 from diga_fast.data.loader import InfiniteLoader
-from diga_fast.engine.device import resolve_device, seed_everything
+from diga_fast.engine.device import resolve_device, seed_everything, set_threads
 from diga_fast.engine.logging import console, progress_callback
 from diga_fast.engine.optim import build_optimizer, set_poly_lr
 from diga_fast.engine.run import TrainingRun, load_state
-from diga_fast.inference import evaluate_on_target
+from diga_fast.inference import evaluate_generalisation, evaluate_on_target
 from diga_fast.kernels import default_backend
+from diga_fast.metrics import target_row
 from diga_fast.models import SegmentationModel, build_model
 from diga_fast.utils.dist import ShardedGenerator
 
@@ -90,15 +91,18 @@ class Stage:
         self.recipe, self.out, self.resume = recipe, Path(out), resume
         self.device = resolve_device(device)
         seed_everything(recipe.train.seed)
+        set_threads(recipe.train.threads)
         self.label_space = get_label_space(recipe.data.label_space)
         self.generator = ShardedGenerator(recipe.train.seed)  # augmentation and ClassMix draws
         self.run: TrainingRun | None = None
         self._tick: Callable[..., None] | None = None
 
     def open_run(self, check_target_val: bool = True) -> TrainingRun:
-        """The run folder (new, or reopened on --resume), once the target val split is known to load."""
+        """The run folder (new, or reopened on --resume), once the target val split (and those of
+        ``train.eval_targets``) are known to load."""
         if check_target_val:
             target_val_dataset(self.recipe, self.label_space)
+            eval_target_datasets(self.recipe, self.label_space)
         self.run = TrainingRun(self.recipe, self.out, self.resume)
         return self.run
 
@@ -133,14 +137,27 @@ class Stage:
         return InfiniteLoader(dataset, data.batch_size, shuffle=True, num_workers=data.num_workers,
                               seed=self.recipe.train.seed, start_step=self.run.step)
 
+    def source_loader(self, dataset: Dataset) -> InfiniteLoader:
+        """:meth:`loader` of the labelled source crops, drawn by rare-class sampling when
+        ``data.rare_class_sampling`` is on (its statistics cached in the run folder)."""
+        if self.recipe.data.rare_class_sampling:
+            from diga_fast.data.rare_class import with_rare_class_sampling
+
+            dataset = with_rare_class_sampling(dataset, self.recipe, self.label_space.num_classes, self.out,
+                                               write=self.run.is_main, class_names=self.label_space.classes)
+        return self.loader(dataset)
+
     def steps(self, description: str, *optimizers: torch.optim.Optimizer) -> Iterator[tuple[int, float]]:
-        """``(step, lr)`` from the run's step to ``train.iters``, the poly LR set on every optimiser,
+        """``(step, lr)`` from the run's step to ``train.iters``, the poly LR (after ``optim.warmup_iters``
+        of linear warm-up) set on every optimiser,
         inside a progress bar and with the kernel backend the recipe asks for."""
         total, power = self.recipe.train.iters, self.recipe.optim.poly_power
         with self.run.progress(total, description) as self._tick, \
                 default_backend(None if self.recipe.train.kernels else "torch"):
             for step in range(self.run.step, total):
-                lr = [set_poly_lr(optimizer, step, total, power) for optimizer in optimizers][0]
+                optim = self.recipe.optim
+                lr = [set_poly_lr(optimizer, step, total, power, optim.warmup_iters, optim.warmup_ratio)
+                      for optimizer in optimizers][0]
                 yield step, lr
                 if _phase_timer is not None:
                     _phase_timer.next_step()
@@ -159,14 +176,22 @@ class Stage:
         """Advance the progress bar to step ``done``, showing ``values``."""
         self._tick(done, **values)
 
-    def evaluate(self, model: SegmentationModel) -> dict:
+    def evaluate(self, model: SegmentationModel, final: bool = False) -> dict:
+        """Target-val summary of ``model``; with ``train.eval_targets``, at the end of the run (``final``) or
+        on every evaluation when ``train.select_on_val`` is on, also the generalisation table (``"targets"``:
+        a :func:`~diga_fast.metrics.target_row` of the target, then one of each ``train.eval_targets``)."""
         with progress_callback("eval") as progress:
-            return evaluate_on_target(model, self.recipe, self.label_space, self.device, progress=progress)
+            summary = evaluate_on_target(model, self.recipe, self.label_space, self.device, progress=progress)
+        if self.recipe.train.eval_targets and (final or self.recipe.train.select_on_val):
+            others = evaluate_generalisation(model, self.recipe, self.label_space, self.device,
+                                             lambda spec: progress_callback(f"eval {spec}"))
+            summary["targets"] = [target_row(self.recipe.data.target, summary), *others]
+        return summary
 
     def finish(self, model: SegmentationModel, modules: dict[str, SegmentationModel], optimizer: torch.optim.Optimizer,
                extras: dict[str, Any] | None = None) -> dict:
         """The last checkpoint, then the final evaluation of ``model`` (logged, ``eval.json``)."""
-        return self.run.finish(modules, optimizer, extras, evaluate=lambda: self.evaluate(model))
+        return self.run.finish(modules, optimizer, extras, evaluate=lambda: self.evaluate(model, final=True))
 
     def is_due(self, every: int, done: int) -> bool:
         """Whether rank 0 should do an every-``every``-steps task (e.g. image grids) at step ``done``."""

@@ -69,7 +69,7 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
 
     target_set = PseudoLabelled(target_images(recipe, stage.label_space), label_dir, stage.label_space.num_classes,
                                 target_transform(recipe))
-    source_batches, target_batches = stage.loader(source_set), stage.loader(target_set)
+    source_batches, target_batches = stage.source_loader(source_set), stage.loader(target_set)
     style_images = (batch["image"] for batch in stage.loader(target_train_dataset(recipe, stage.label_space)))
     translator = build_translator(recipe, style_images, stage.device) if recipe.warmup.crdomix else None
     source_aug = recipe.warmup.aug if cfg.source_beta is None else dataclasses.replace(recipe.warmup.aug, beta=cfg.source_beta)

@@ -25,7 +25,7 @@ def train_source(recipe: Recipe, out: str | Path, device: str | None = None, res
     networks = {"model": model}
     stage.restore(networks, optimizer)
     trained = training_forward(model, recipe, stage.device)  # channels_last, DDP, compile as asked
-    batches = stage.loader(train_set)
+    batches = stage.source_loader(train_set)
 
     model.train()
     for step, lr in stage.steps("source", optimizer):

@@ -46,7 +46,7 @@ def train_warmup(recipe: Recipe, out: str | Path, device: str | None = None, res
     networks = {"student": student, "teacher": teacher}
     stage.restore(networks, optimizer)
     trained = training_forward(student, recipe, stage.device, teacher)  # channels_last, DDP, compile as asked
-    source_batches = stage.loader(source_set)
+    source_batches = stage.source_loader(source_set)
     target_images = (batch["image"] for batch in stage.loader(target_set))
     translator = build_translator(recipe, target_images, stage.device) if cfg.crdomix else None
     device, generator = stage.device, stage.generator
