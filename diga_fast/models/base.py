@@ -69,3 +69,19 @@ def upsample_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+
+
+def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], problem,
+                     optional: tuple[str, ...] = ()) -> None:
+    """Every key of ``expected`` in ``state`` with its shape (keys ending in one of ``optional`` may be
+    missing), and nothing else; raises ``problem(detail)`` (a DigaError naming the file) at the first miss."""
+    for key, tensor in expected.items():
+        if key not in state:
+            if optional and key.endswith(optional):
+                continue
+            raise problem(f"missing key {key}")
+        if state[key].shape != tensor.shape:
+            raise problem(f"key {key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise problem(f"unexpected key {unexpected[0]}")

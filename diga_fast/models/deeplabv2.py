@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from diga_fast.errors import DigaError
-from diga_fast.models.base import SegmentationModel
+from diga_fast.models.base import SegmentationModel, check_state_dict
 from diga_fast.utils.io import torch_load_error
 
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # on the 0..255 scale
@@ -272,16 +272,7 @@ def load_backbone_weights(model: DeepLabV2, path: str | Path) -> None:
             hint = f" (the file looks like {kind}; {model.arch} needs ResNet-{model.depth})"
         return DigaError(f"{path} does not fit {model.arch}{hint}: {detail}")
 
-    for key, tensor in expected.items():
-        if key not in state:
-            if key.endswith("num_batches_tracked"):
-                continue
-            raise problem(f"missing key {key}")
-        if state[key].shape != tensor.shape:
-            raise problem(f"key {key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise problem(f"unexpected key {unexpected[0]}")
+    check_state_dict(state, expected, problem, optional=("num_batches_tracked",))
 
     if torchvision:
         state = fold_torchvision_input(state)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from diga_fast.errors import DigaError
+from diga_fast.models.base import check_state_dict
 from diga_fast.models.mit import MIT_CONFIGS
 from diga_fast.utils.io import torch_load_error
 
@@ -129,14 +130,7 @@ def load_mit_weights(encoder: nn.Module, path: str | Path) -> str:
     def problem(detail: str) -> DigaError:
         return DigaError(f"{path} ({layout} layout, {describe_mit(state)}) does not fit the MiT-{mine} encoder: {detail}")
 
-    for key, tensor in expected.items():
-        if key not in state:
-            raise problem(f"missing key {key}")
-        if state[key].shape != tensor.shape:
-            raise problem(f"key {key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise problem(f"unexpected key {unexpected[0]}")
+    check_state_dict(state, expected, problem)
     with torch.no_grad():
         for key, tensor in expected.items():
             tensor.copy_(state[key])
