@@ -17,10 +17,16 @@ from torch import nn
 
 def make_teacher(student: nn.Module, mode: str = "eval") -> nn.Module:
     """A frozen copy of ``student`` whose forward runs in ``mode``: ``eval`` (running BN statistics, no
-    dropout) or ``train`` (batch statistics, dropout on: the official teacher)."""
+    dropout) or ``train`` (batch statistics, dropout on: the official teacher). A train-mode teacher's
+    forward never reads its running statistics, so it does not update them either (BN momentum 0): they
+    stay the EMA of the student's, the same on every rank under torchrun."""
     teacher = copy.deepcopy(student)
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
+    if mode == "train":
+        for module in teacher.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = 0.0
     return teacher.train(mode == "train")
 
 
