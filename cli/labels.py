@@ -21,10 +21,11 @@ def _student_and_images(checkpoint: str, recipe, device: str):
     """(model on the device, its label space, the device, the recipe's target train images)."""
     from diga_fast.data.build import target_images
     from diga_fast.data.labels import get_label_space
-    from diga_fast.engine.device import resolve_device
+    from diga_fast.engine.device import resolve_device, set_threads
     from diga_fast.models.io import load_model
 
     dev = resolve_device(device)
+    set_threads(recipe.train.threads)  # as `diga train self` makes them: the same digits
     model, meta = load_model(checkpoint)
     space = get_label_space(meta["label_space"])
     return model.to(dev), space, dev, target_images(recipe, space)

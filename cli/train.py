@@ -35,7 +35,7 @@ _SELECT_ON_VAL = click.option(
          "Sets train.select_on_val.")
 
 
-def _fold_eval_targets(options: dict) -> dict:
+def _fold_flags(options: dict) -> dict:
     """--eval-targets and --select-on-val as the KEY=VALUE overrides ``train.eval_targets=[...]`` and
     ``train.select_on_val=...`` (which --resume also takes)."""
     import json
@@ -75,7 +75,7 @@ def train_source_command(out, device, resume, force, **options) -> None:
     The oracle on the built-in pair: --source synthetic:target (trains on the target's labels)."""
     from diga_fast.stages.source_only import train_source
 
-    recipe = resolve_recipe("source", out=out, resume=resume, **_fold_eval_targets(options))
+    recipe = resolve_recipe("source", out=out, resume=resume, **_fold_flags(options))
     check_out_folder(out, "source", resume, force)
     summary = train_source(recipe, out, device=device, resume=resume)
     _print_summary(summary, f"target val ({recipe.data.target}) after {recipe.train.iters} iterations")
@@ -94,7 +94,7 @@ def train_warmup_command(out, device, resume, force, **options) -> None:
     --eval-targets adds the paper's generalisation table (e.g. Cityscapes, BDD100K, Mapillary)."""
     from diga_fast.stages.warmup import train_warmup
 
-    recipe = resolve_recipe("warmup", out=out, resume=resume, **_fold_eval_targets(options))
+    recipe = resolve_recipe("warmup", out=out, resume=resume, **_fold_flags(options))
     check_out_folder(out, "warmup", resume, force)
     summary = train_warmup(recipe, out, device=device, resume=resume)
     _print_summary(summary, f"student on target val ({recipe.data.target}) after {recipe.train.iters} warm-up iterations")
@@ -149,7 +149,7 @@ def train_self_command(init, rounds, out, device, resume, force, **options) -> N
     Ablations: self_training.labels=consensus|prob|feat|threshold, self_training.metric=cosine|l2."""
     from diga_fast.stages.self_training import train_self_rounds
 
-    recipe = resolve_recipe("self", out=out, resume=resume, **_fold_eval_targets(options))
+    recipe = resolve_recipe("self", out=out, resume=resume, **_fold_flags(options))
     check_out_folder(out, "self", resume, force)
     if not resume and init is not None:
         inherit_init_recipe(recipe, init, options["overrides"])

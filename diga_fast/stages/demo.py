@@ -56,7 +56,7 @@ def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: 
         raise DigaError(f"--out {out}: {problem}")
     for kind in ("source", "warmup", "self"):  # every KEY=VALUE checked before the first stage prints
         demo_recipe(kind, seed, overrides)
-    resolve_device(device)
+    compute_device = resolve_device(device)
     stages: dict[str, float] = {}
     seconds: dict[str, float] = {}
 
@@ -72,7 +72,7 @@ def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: 
         return summary
 
     source_recipe = demo_recipe("source", seed, overrides)
-    beside = spare_core_pool(source_recipe, resolve_device(device))
+    beside = spare_core_pool(source_recipe, compute_device)
     try:
         if beside is None:
             stage("source_only", "source-only", "supervised on the rendered source",
