@@ -361,10 +361,12 @@ def paper_daformer_recipe(stage: str, source: str = "synthetic", target: str = "
 def use_network(recipe: Recipe, arch: str) -> Recipe:
     """``--model ARCH``: the network; on the ``demo`` preset a DAFormer network also gets DAFormer's
     optimiser (AdamW; SGD at the small CNN's LR does not suit a transformer), at 10x DAFormer's LR and
-    a 50-iteration warm-up for runs of a few hundred iterations from random weights."""
+    a 50-iteration warm-up for runs of a few hundred iterations from random weights, and DAFormer's
+    batch of 2 (at the demo's crops its forward and backward take ~30x the small model's on a CPU; README)."""
     recipe.model.arch = arch
     if recipe.preset == "demo" and arch in DAFORMER_ARCHS:
         recipe.optim = daformer_optim(lr=6e-4, warmup_iters=50)
+        recipe.data.batch_size = 2
     return recipe
 
 

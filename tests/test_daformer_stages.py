@@ -35,3 +35,20 @@ def test_every_stage_trains_the_daformer_network(tmp_path, capsys):
                             "--json", tmp_path / "eval.json")
     assert code == 0, err
     assert json.loads((tmp_path / "eval.json").read_text())["num_classes"] == 19
+
+
+def test_demo_takes_the_network_and_daformers_batch(tmp_path, capsys):
+    """``diga demo --model daformer_mitb0``: every stage trains that network with AdamW and batch 2."""
+    out = tmp_path / "demo"
+    code, stdout, err = run(capsys, "demo", "--model", "daformer_mitb0", "--out", out, "--rounds", "1", "--no-export",
+                            "--device", "cpu", *(o for o in TINY if not o.startswith("data.batch_size")),
+                            "data.crop=[48, 64]", "train.iters=2", "warmup.visualize_every=0", "data.eval_max_images=2")
+    assert code == 0, err
+    assert "daformer_mitb0 network" in stdout
+    for stage in ("source_only", "warmup", "self_training_round1"):
+        recipe = yaml.safe_load((out / stage / "config.yaml").read_text())
+        assert (recipe["model"]["arch"], recipe["optim"]["name"], recipe["data"]["batch_size"]) == (
+            "daformer_mitb0", "adamw", 2), stage
+    code, _, err = run(capsys, "demo", "--model", "daformer_mitb0", "--pretrained", tmp_path / "missing.pth",
+                       "--out", tmp_path / "other")
+    assert code != 0 and "--pretrained: file not found" in err and not (tmp_path / "other").exists()

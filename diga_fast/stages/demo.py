@@ -6,8 +6,8 @@ the end (also ``summary.json``: ``{"stages": {name: target-val mIoU in percent},
     source_only -> warmup -> pseudo-labels + centroids -> self_training round 1 -> round 2 -> eval
     -> ONNX export (verified in ONNX Runtime)
 
-Every stage uses the ``demo`` preset (the small CPU model, one CPU thread: ``train.threads``), the same
-seed and the same data. On a CPU with a core to spare, the source-only baseline (which nothing later
+Every stage uses the ``demo`` preset (the small CPU model unless ``--model`` names another network, as
+``diga train`` takes it; one CPU thread: ``train.threads``), the same seed and the same data. On a CPU with a core to spare, the source-only baseline (which nothing later
 depends on) trains in a second process beside the warm-up, its output in ``OUT/source_only.log``;
 one thread per process gives the same numbers as training the two one after the other.
 """
@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from diga_fast.config import Recipe, apply_overrides, preset_recipe, validate_recipe
+from diga_fast.config import Recipe, absolute_paths, apply_overrides, preset_recipe, use_network, validate_recipe
 from diga_fast.data.labels import get_label_space
 from diga_fast.engine.device import resolve_device
 from diga_fast.errors import DigaError
@@ -38,14 +38,23 @@ from diga_fast.utils.io import folder_problem, write_json
 console = Console(stderr=True)
 
 
-def demo_recipe(stage: str, seed: int, overrides: tuple[str, ...] = ()) -> Recipe:
+def demo_recipe(stage: str, seed: int, overrides: tuple[str, ...] = (), arch: str | None = None,
+                pretrained: str | None = None) -> Recipe:
+    """The ``demo`` preset's recipe for ``stage``, with ``--model`` / ``--pretrained`` as ``diga train`` takes them."""
     recipe = preset_recipe("demo", stage)
     recipe.train.seed = seed
-    return validate_recipe(apply_overrides(recipe, overrides))
+    if arch is not None:
+        use_network(recipe, arch)
+    if pretrained is not None:
+        if not Path(pretrained).is_file():
+            raise DigaError(f"--pretrained: file not found: {pretrained}")
+        recipe.model.pretrained = pretrained
+    return absolute_paths(validate_recipe(apply_overrides(recipe, overrides)))
 
 
 def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: bool = False,
-             rounds: int = 2, overrides: tuple[str, ...] = (), export: bool = True) -> dict:
+             rounds: int = 2, overrides: tuple[str, ...] = (), export: bool = True, arch: str | None = None,
+             pretrained: str | None = None) -> dict:
     begin = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -54,8 +63,12 @@ def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: 
         raise DigaError(f"--out {out} is not empty; choose a new folder for the demo")
     if problem := folder_problem(out):
         raise DigaError(f"--out {out}: {problem}")
+
+    def recipe(stage: str) -> Recipe:
+        return demo_recipe(stage, seed, overrides, arch, pretrained)
+
     for kind in ("source", "warmup", "self"):  # every KEY=VALUE checked before the first stage prints
-        demo_recipe(kind, seed, overrides)
+        recipe(kind)
     compute_device = resolve_device(device)
     stages: dict[str, float] = {}
     seconds: dict[str, float] = {}
@@ -71,7 +84,7 @@ def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: 
         console.print(f"{name}: target val mIoU {summary['miou']:.2f} ({seconds[name]:.0f} s)")
         return summary
 
-    source_recipe = demo_recipe("source", seed, overrides)
+    source_recipe = recipe("source")
     beside = spare_core_pool(source_recipe, compute_device)
     try:
         if beside is None:
@@ -84,12 +97,12 @@ def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: 
             console.print(f"source-only (the baseline) trains on a second core beside the warm-up; its output: "
                           f"{log}", highlight=False)
         if oracle:
-            oracle_recipe = demo_recipe("source", seed, overrides)
+            oracle_recipe = recipe("source")
             oracle_recipe.data.source = "synthetic:target"
             stage("oracle", "oracle", "supervised on the target's labels (the upper bound)",
                   lambda d: train_source(oracle_recipe, d, device))
         stage("warmup", "warm-up", "CE + distillation between the clean and the CrDoMix view",
-              lambda d: train_warmup(demo_recipe("warmup", seed, overrides), d, device))
+              lambda d: train_warmup(recipe("warmup"), d, device))
         if beside is not None:
             with console.status("waiting for the source-only baseline"):
                 summary, seconds["source_only"] = pending.get()
@@ -101,7 +114,7 @@ def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: 
     finally:
         if beside is not None:  # also when a stage failed or was interrupted: no orphan training on
             beside.terminate()
-    self_recipe = demo_recipe("self", seed, overrides)
+    self_recipe = recipe("self")
     for r in range(1, rounds + 1):
         init = out / "warmup" if r == 1 else out / f"self_training_round{r - 1}"
         stage(f"self_training_round{r}", f"self-training round {r}",
@@ -116,7 +129,8 @@ def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: 
                "onnx": str(exported.path) if exported else None,
                "onnx_check": onnx_check(exported.parity) if exported else None}
     write_json(out / "summary.json", summary)
-    Console().print(Text("diga demo: target val mIoU per stage (built-in pair, small CPU model)", style="bold"))
+    network = source_recipe.model.arch
+    Console().print(Text(f"diga demo: target val mIoU per stage (built-in pair, {network} network)", style="bold"))
     table = Table()
     table.add_column("stage")
     table.add_column("mIoU %", justify="right")
