@@ -40,3 +40,36 @@ def assert_one_line_error(code, err, *fragments):
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+def crash_then_resume(tmp_path, capsys, monkeypatch, module, argv, options):
+    """Run ``argv`` (with ``options``) for 4 steps with a NaN loss at step 3, resume, and return the run folder."""
+    real, calls = module.source_cross_entropy, []
+
+    def nan_on_third_call(logits, labels, train):
+        calls.append(1)
+        return real(logits, labels, train) * (float("nan") if len(calls) == 3 else 1.0)
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(module, "source_cross_entropy", nan_on_third_call)
+    code, _, err = run(capsys, *argv, "--out", out, "--iters", "4", *options, "train.save_every=2")
+    assert_one_line_error(code, err, "step 3", "step 2")
+    monkeypatch.setattr(module, "source_cross_entropy", real)
+    code, _, err = run(capsys, *argv[:2], "--out", out, "--resume")
+    assert code == 0, err
+    return out
+
+
+def torchrun(cwd, *argv, nproc=2):
+    """``torchrun --standalone --nproc_per_node NPROC -m diga_fast.cli.main ARGV`` (CPU, gloo, one thread each)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "diga_fast.cli.main", *map(str, argv)]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -2,15 +2,12 @@
 teacher, BatchNorm statistics, centroids), and a 2 x 1-image run equals a 1 x 2-image run."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import run
+from cli_helpers import run, torchrun
 
 TINY = ("data.synthetic_train_images=8", "data.synthetic_val_images=3", "data.num_workers=0", "train.log_every=1",
         "data.crop=[48, 96]", "warmup.visualize_every=0")
@@ -19,16 +16,6 @@ SPLIT_FREE = ("model.dropout=0", "model.freeze_bn_stats=true")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this torch build has no gloo backend")]
-
-
-def torchrun(cwd, *argv, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "diga_fast.cli.main", *map(str, argv)]
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def _weights(path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import TINY, assert_one_line_error, run
+from cli_helpers import TINY, assert_one_line_error, crash_then_resume, run
 
 TINY_STAGE = (*TINY, "data.crop=[48, 96]", "warmup.visualize_every=2")
 
@@ -42,24 +42,6 @@ def test_warmup_ablations_run(tmp_path, capsys, switch, term):
     assert term in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
 
-def _crash_then_resume(tmp_path, capsys, monkeypatch, module, argv):
-    """Run ``argv`` for 4 steps with a NaN loss at step 3, resume, and return the run folder."""
-    real, calls = module.source_cross_entropy, []
-
-    def nan_on_third_call(logits, labels, train):
-        calls.append(1)
-        return real(logits, labels, train) * (float("nan") if len(calls) == 3 else 1.0)
-
-    out = tmp_path / "crashed"
-    monkeypatch.setattr(module, "source_cross_entropy", nan_on_third_call)
-    code, _, err = run(capsys, *argv, "--out", out, "--iters", "4", *TINY_STAGE, "train.save_every=2")
-    assert_one_line_error(code, err, "step 3", "step 2")
-    monkeypatch.setattr(module, "source_cross_entropy", real)
-    code, _, err = run(capsys, *argv[:2], "--out", out, "--resume")
-    assert code == 0, err
-    return out
-
-
 def _same_weights(a, b):
     first, second = load_file(str(a)), load_file(str(b))
     return all(torch.equal(first[k], second[k]) for k in first)
@@ -68,7 +50,7 @@ def _same_weights(a, b):
 def test_warmup_resume_is_exact(tmp_path, capsys, monkeypatch):
     import diga_fast.stages.warmup as stage
 
-    crashed = _crash_then_resume(tmp_path, capsys, monkeypatch, stage, ["train", "warmup"])
+    crashed = crash_then_resume(tmp_path, capsys, monkeypatch, stage, ["train", "warmup"], TINY_STAGE)
     code, _, err = run(capsys, "train", "warmup", "--out", tmp_path / "straight", "--iters", "4", *TINY_STAGE)
     assert code == 0, err
     for name in ("student.safetensors", "teacher.safetensors"):
@@ -78,7 +60,8 @@ def test_warmup_resume_is_exact(tmp_path, capsys, monkeypatch):
 def test_self_training_runs_and_resumes_exactly(tmp_path, capsys, monkeypatch, warmup_run):
     import diga_fast.stages.self_training as stage
 
-    crashed = _crash_then_resume(tmp_path, capsys, monkeypatch, stage, ["train", "self", "--init", str(warmup_run)])
+    crashed = crash_then_resume(tmp_path, capsys, monkeypatch, stage, ["train", "self", "--init", str(warmup_run)],
+                                TINY_STAGE)
     straight = tmp_path / "straight"
     code, _, err = run(capsys, "train", "self", "--init", warmup_run, "--out", straight, "--iters", "4", *TINY_STAGE)
     assert code == 0, err
