@@ -3,8 +3,9 @@ that has torch, triton, onnx and onnxruntime but no internet and no diga-fast in
 
     PYTHONPATH=$PWD python benchmarks/gpu_check.py --out /tmp/gpu_check --stage kernels --stage parity
     PYTHONPATH=$PWD python benchmarks/gpu_check.py --out /tmp/gpu_check --stage bench --stage train
+    PYTHONPATH=$PWD python benchmarks/gpu_check.py --out /tmp/gpu_check --stage daformer
 
-(two commands of well under 10 minutes; no stage may take more than ``STAGE_TIMEOUT_S``). Nothing is
+(commands of well under 10 minutes; no stage may take more than ``STAGE_TIMEOUT_S``). Nothing is
 installed: when ``diga_fast.kernels`` is not importable, a tree of links in ``OUT/src`` gives the
 source tree the package layout of ``pyproject.toml``, for this process and every subprocess.
 
@@ -18,7 +19,11 @@ the exit status is non-zero when any stage FAILED, and a failed or timed-out sta
   bench    ``diga bench kernels`` (fp32, bf16): rows to OUT/kernels.csv, plot when matplotlib is there.
   train    ``diga bench train`` (paper preset, 10 steps); needs safetensors, PyYAML and Pillow:
            skipped, naming what is missing, without them.
-Results go to ``--out DIR`` (never into the source tree): gpu_check.log, kernels.csv, train.csv, PNGs.
+  daformer ``diga bench train --preset paper-daformer`` (MiT-B5, 512x512 crops, batch 2 + 2: the
+           measured peak memory the README waits for), fp32 and bf16 + channels_last, then
+           ``diga bench infer --model daformer_mitb5`` (torch and ONNX Runtime CUDA rows); same needs.
+Results go to ``--out DIR`` (never into the source tree): gpu_check.log, kernels.csv, train.csv,
+train_daformer.csv, infer.csv, PNGs.
 ``--dry-run`` (no GPU needed) imports what each stage imports, checks its prerequisites and prints its
 plan; parity and bench run at toy sizes (parity through the Triton interpreter).
 """
@@ -34,8 +39,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("kernels", "parity", "bench", "train")
-STAGE_TIMEOUT_S = {"kernels": 290, "parity": 240, "bench": 290, "train": 290}
+STAGES = ("kernels", "parity", "bench", "train", "daformer")
+STAGE_TIMEOUT_S = {"kernels": 290, "parity": 240, "bench": 290, "train": 290, "daformer": 290}
 PACKAGE_DIRS = {"kernels": "kernels", "cli": "cli", "benchmarks": "benchmarks"}  # pyproject's package-dir
 STATUS = "STATUS:"  # a stage's last line: "STATUS: ok" | "STATUS: FAILED: why" | "STATUS: skipped: why"
 
@@ -322,6 +327,26 @@ def stage_train(out: Path, dry_run: bool) -> None:
     train.run(steps=10, warmup=3, csv_path=out / "train.csv")
 
 
+def stage_daformer(out: Path, dry_run: bool) -> None:
+    lacking = missing(["safetensors", "yaml", "PIL"])
+    if lacking:
+        raise StageSkipped(f"missing {', '.join(lacking)} (pip install safetensors pyyaml pillow)")
+    from diga_fast.benchmarks import infer, train
+
+    setups = ["torch-fp32", "torch-bf16-cl"]
+    if dry_run:
+        print(f"dry run: would run train.run(preset='paper-daformer', steps=6, warmup=2, setups={setups}, "
+              f"csv_path={out / 'train_daformer.csv'}) and infer.run(models=['daformer_mitb5'], sizes=[(512, 1024)], "
+              f"repeats=10, csv_path={out / 'infer.csv'})")
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise StageSkipped("no CUDA device")
+    train.run(preset="paper-daformer", steps=6, warmup=2, setups=setups, csv_path=out / "train_daformer.csv")
+    infer.run(models=["daformer_mitb5"], sizes=[(512, 1024)], repeats=10, csv_path=out / "infer.csv", note="gpu_check")
+
+
 def run_stage(name: str, args) -> int:
     """In the stage's own process: run it and end with the STATUS line; the exit code says the same."""
     out = Path(args.out)
@@ -334,6 +359,8 @@ def run_stage(name: str, args) -> int:
             stage_bench(out, args.dry_run, args.dtypes, args.quick_bench)
         elif name == "train":
             stage_train(out, args.dry_run)
+        elif name == "daformer":
+            stage_daformer(out, args.dry_run)
     except StageSkipped as why:
         print(f"{STATUS} skipped: {why}", flush=True)
         return 0

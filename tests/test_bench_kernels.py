@@ -67,7 +67,7 @@ def test_gpu_check_dry_run(tmp_path):
     )
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    for stage in ("kernels", "parity", "bench", "train"):
+    for stage in ("kernels", "parity", "bench", "train", "daformer"):
         assert f"--- {stage}: " in log
     assert "--- parity: ok" in log and "--- bench: ok" in log
     assert "MISMATCH" not in log

@@ -7,9 +7,10 @@ the end (also ``summary.json``: ``{"stages": {name: target-val mIoU in percent},
     -> ONNX export (verified in ONNX Runtime)
 
 Every stage uses the ``demo`` preset (the small CPU model unless ``--model`` names another network, as
-``diga train`` takes it; one CPU thread: ``train.threads``), the same seed and the same data. On a CPU with a core to spare, the source-only baseline (which nothing later
-depends on) trains in a second process beside the warm-up, its output in ``OUT/source_only.log``;
-one thread per process gives the same numbers as training the two one after the other.
+``diga train`` takes it; one CPU thread: ``train.threads``), the same seed and the same data. On a CPU
+with a core to spare, the source-only baseline (which nothing later depends on) trains in a second
+process beside the warm-up, its output in ``OUT/source_only.log``; one thread per process gives the
+same numbers as training the two one after the other.
 """
 
 from __future__ import annotations
