@@ -18,7 +18,7 @@ from diga_fast.config import (
     load_yaml,
     preset_recipe,
     recipe_from_dict,
-    use_network,
+    choose_network,
     validate_recipe,
 )
 from diga_fast.errors import DigaError
@@ -145,12 +145,7 @@ def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset
         if config_file:
             recipe = recipe_from_dict(load_yaml(config_file), base=recipe)
             recipe.stage = stage
-        if arch is not None:
-            use_network(recipe, arch)
-        if pretrained is not None:
-            if not Path(pretrained).is_file():
-                raise DigaError(f"--pretrained: file not found: {pretrained}")
-            recipe.model.pretrained = pretrained
+        choose_network(recipe, arch, pretrained)
         if seed is not None:
             recipe.train.seed = seed
         if bf16 is not None:

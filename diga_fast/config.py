@@ -370,6 +370,17 @@ def use_network(recipe: Recipe, arch: str) -> Recipe:
     return recipe
 
 
+def choose_network(recipe: Recipe, arch: str | None, pretrained: str | None) -> Recipe:
+    """``--model ARCH`` (:func:`use_network`) and ``--pretrained FILE``, each when given, in place."""
+    if arch is not None:
+        use_network(recipe, arch)
+    if pretrained is not None:
+        if not Path(pretrained).is_file():
+            raise DigaError(f"--pretrained: file not found: {pretrained}")
+        recipe.model.pretrained = pretrained
+    return recipe
+
+
 # ---------------------------------------------------------------------------------------------
 # dict / YAML round trip with type checking
 

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from diga_fast.config import Recipe, absolute_paths, apply_overrides, preset_recipe, use_network, validate_recipe
+from diga_fast.config import Recipe, absolute_paths, apply_overrides, choose_network, preset_recipe, validate_recipe
 from diga_fast.data.labels import get_label_space
 from diga_fast.engine.device import resolve_device
 from diga_fast.errors import DigaError
@@ -44,12 +44,7 @@ def demo_recipe(stage: str, seed: int, overrides: tuple[str, ...] = (), arch: st
     """The ``demo`` preset's recipe for ``stage``, with ``--model`` / ``--pretrained`` as ``diga train`` takes them."""
     recipe = preset_recipe("demo", stage)
     recipe.train.seed = seed
-    if arch is not None:
-        use_network(recipe, arch)
-    if pretrained is not None:
-        if not Path(pretrained).is_file():
-            raise DigaError(f"--pretrained: file not found: {pretrained}")
-        recipe.model.pretrained = pretrained
+    choose_network(recipe, arch, pretrained)
     return absolute_paths(validate_recipe(apply_overrides(recipe, overrides)))
 
 
