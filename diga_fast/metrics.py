@@ -107,6 +107,10 @@ def summarize(cm: ConfusionMatrix, label_space: LabelSpace) -> dict:
     return summary
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def iou_table(summary: dict, title: str | None = None) -> RenderableType:
     """A rich table: one row per class, then the mIoU over all K classes (``mIoU19``, ``mIoU16``) and
     each other subset mean (``mIoU13``): one row per number. ``title`` is a line of its own above it,
@@ -114,19 +118,15 @@ def iou_table(summary: dict, title: str | None = None) -> RenderableType:
     table = Table()
     table.add_column("class")
     table.add_column("IoU %", justify="right")
-
-    def fmt(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
     for name, value in summary["iou"].items():
-        table.add_row(name, fmt(value))
+        table.add_row(name, _fmt(value))
     table.add_section()
     whole = f"mIoU{summary['num_classes']}"  # the subset of every class is the mIoU itself
-    table.add_row(whole, fmt(summary["miou"]), style="bold")
+    table.add_row(whole, _fmt(summary["miou"]), style="bold")
     reserved = {"miou", "iou", "num_classes", whole}
     for key, value in summary.items():
         if key not in reserved and (value is None or isinstance(value, float)):
-            table.add_row(key, fmt(value))
+            table.add_row(key, _fmt(value))
     return table if title is None else Group(Text(title, style="bold"), table)
 
 
@@ -146,10 +146,6 @@ def targets_table(rows: list[dict], title: str | None = None) -> RenderableType:
     for row in rows:
         table.add_row(row["target"], _fmt(row["miou"]), *(_fmt(v) for v in row["iou"].values()))
     return table if title is None else Group(Text(title, style="bold"), table)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 __all__ = ["ConfusionMatrix", "iou_table", "summarize", "target_row", "targets_table"]

@@ -149,14 +149,13 @@ class Stage:
 
     def steps(self, description: str, *optimizers: torch.optim.Optimizer) -> Iterator[tuple[int, float]]:
         """``(step, lr)`` from the run's step to ``train.iters``, the poly LR (after ``optim.warmup_iters``
-        of linear warm-up) set on every optimiser,
-        inside a progress bar and with the kernel backend the recipe asks for."""
-        total, power = self.recipe.train.iters, self.recipe.optim.poly_power
+        of linear warm-up) set on every optimiser, inside a progress bar and with the kernel backend the
+        recipe asks for."""
+        total, optim = self.recipe.train.iters, self.recipe.optim
         with self.run.progress(total, description) as self._tick, \
                 default_backend(None if self.recipe.train.kernels else "torch"):
             for step in range(self.run.step, total):
-                optim = self.recipe.optim
-                lr = [set_poly_lr(optimizer, step, total, power, optim.warmup_iters, optim.warmup_ratio)
+                lr = [set_poly_lr(optimizer, step, total, optim.poly_power, optim.warmup_iters, optim.warmup_ratio)
                       for optimizer in optimizers][0]
                 yield step, lr
                 if _phase_timer is not None:
