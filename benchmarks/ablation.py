@@ -32,6 +32,12 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__" and sys.path[0] == str(Path(__file__).resolve().parent):
+    # Run as `python benchmarks/NAME.py`, Python put benchmarks/ first on sys.path, where kernels.py,
+    # train.py and infer.py would answer to other packages' names (transformers imports `kernels`):
+    # the repository root takes its place, which also makes a bare checkout importable.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 from diga_fast.benchmarks.results_csv import append_rows
 
 # name -> (diga argv, the configuration whose run of the same seed it starts from (--init), or a

@@ -38,6 +38,12 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__" and sys.path[0] == str(Path(__file__).resolve().parent):
+    # Run as `python benchmarks/NAME.py`, Python put benchmarks/ first on sys.path, where kernels.py,
+    # train.py and infer.py would answer to other packages' names (transformers imports `kernels`):
+    # the repository root takes its place, which also makes a bare checkout importable.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("kernels", "parity", "bench", "train", "daformer")
 STAGE_TIMEOUT_S = {"kernels": 290, "parity": 240, "bench": 290, "train": 290, "daformer": 290}

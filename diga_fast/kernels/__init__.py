@@ -2,7 +2,12 @@
 
 Every op takes ``backend=None | "triton" | "torch"``: ``None`` runs Triton on CUDA tensors and the
 reference otherwise; ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` (set before import).
+The modules live in the repository's top-level kernels/ (``diga_fast.with_checkout_folder``).
 """
+
+from diga_fast import with_checkout_folder
+
+__path__ = with_checkout_folder(__path__, "kernels")
 
 from ._common import default_backend
 from .assign_centroids import assign_centroids, assign_centroids_ref
