@@ -11,7 +11,8 @@ the CLI re-runs itself in a subprocess when it is set.
 
 Per kernel and target it reports: registers per thread, spills (local-memory STL/LDL instructions in
 the SASS and the local bytes per thread), shared memory, programs per SM (the tightest of threads,
-registers, shared memory and the 32-block limit) and which limit binds, the widths of global loads /
+registers, shared memory and the 32-block limit) and which limit binds, the launch grid's programs
+per SM of the card (132 SMs for sm_90a as on an H100 SXM / H200, 108 for sm_80; below 1 some idle), the widths of global loads /
 stores and of ``cp.async`` copies (from the PTX), the tensor-core family (``mma.sync`` or ``wgmma``),
 the requested pipeline stages and the deepest ``cp.async.wait_group``, ``bar.sync`` barriers
 (in all, and inside loops), and the shared-memory buffers left unswizzled (from the TTGIR). Rows go
@@ -39,11 +40,13 @@ TARGETS = {"sm_90a": 90, "sm_80": 80}
 CSV_COLUMNS = [
     "timestamp", "triton", "target", "op", "kernel", "case", "config", "num_warps", "num_stages",
     "registers", "spill_instructions", "local_bytes", "shared_bytes", "programs_per_sm", "limited_by",
+    "grid_programs", "grid_per_sm",
     "ld_global", "st_global", "cp_async", "tensor_cores", "wait_group_depth", "bar_sync", "bar_sync_in_loops",
     "unswizzled_smem",
 ]
 # Per-SM limits: registers, threads, resident blocks, shared memory (bytes; 1 KB reserved per block).
 SM_LIMITS = {90: (65536, 2048, 32, 228 * 1024), 80: (65536, 2048, 32, 164 * 1024)}
+SM_COUNT = {90: 132, 80: 108}  # H100 SXM / H200, A100: what the launch grid is measured against
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -57,6 +60,7 @@ class Launch:
     args: dict
     options: dict
     config: str = ""
+    grid_programs: int = 0
     key: tuple = field(default=())
 
 
@@ -70,9 +74,9 @@ class _Recorder:
         self.context = context
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self._record(args, kwargs)
+        return lambda *args, **kwargs: self._record(grid, args, kwargs)
 
-    def _record(self, args, kwargs):
+    def _record(self, grid, args, kwargs):
         import triton
 
         configs = [None]
@@ -94,7 +98,11 @@ class _Recorder:
                 opts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 label = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
             label = (label + f" w{opts['num_warps']} s{opts['num_stages']}").strip()
-            self.sink.append(Launch(self.context["op"], self.context["case"], fn, values, opts, label))
+            dims = grid(values) if callable(grid) else grid
+            programs = 1
+            for d in dims:
+                programs *= int(d)
+            self.sink.append(Launch(self.context["op"], self.context["case"], fn, values, opts, label, programs))
 
 
 def _kernel_modules():
@@ -344,7 +352,8 @@ def run(
                     "timestamp": stamp, "triton": triton.__version__, "target": target, "op": launch.op,
                     "kernel": launch.kernel.__name__.strip("_").removesuffix("_kernel"), "case": launch.case,
                     "config": launch.config, "num_warps": launch.options["num_warps"],
-                    "num_stages": launch.options["num_stages"], **done[key],
+                    "num_stages": launch.options["num_stages"], **done[key], "grid_programs": launch.grid_programs,
+                    "grid_per_sm": round(launch.grid_programs / SM_COUNT[arch], 2),
                 })
     if print_table:
         _print_table(rows)
@@ -356,11 +365,12 @@ def run(
 
 def _print_table(rows: list[dict]) -> None:
     cols = [("target", 6), ("kernel", 26), ("case", 30), ("config", 22), ("registers", 4), ("spill_instructions", 5),
-            ("shared_bytes", 6), ("programs_per_sm", 4), ("limited_by", 9), ("ld_global", 16), ("st_global", 12),
+            ("shared_bytes", 6), ("programs_per_sm", 4), ("limited_by", 9), ("grid_per_sm", 6), ("ld_global", 16),
+            ("st_global", 12),
             ("cp_async", 10), ("tensor_cores", 8), ("wait_group_depth", 3), ("bar_sync", 4), ("bar_sync_in_loops", 4),
             ("unswizzled_smem", 4)]
     heads = {"registers": "regs", "spill_instructions": "spill", "shared_bytes": "smem", "programs_per_sm": "prg",
-             "limited_by": "limit", "tensor_cores": "mma", "wait_group_depth": "wg", "bar_sync": "bar",
+             "limited_by": "limit", "grid_per_sm": "grid/SM", "tensor_cores": "mma", "wait_group_depth": "wg", "bar_sync": "bar",
              "bar_sync_in_loops": "loop", "unswizzled_smem": "unsw"}
     print(" ".join(heads.get(c, c).ljust(w)[:max(w, len(heads.get(c, c)))] for c, w in cols))
     for r in rows:

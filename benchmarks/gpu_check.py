@@ -1,41 +1,43 @@
-"""One-shot check of the Triton kernels on a real GPU (H100/H200), ready to run blind on a fresh machine
-that has torch, triton, onnx and onnxruntime but no internet and no diga-fast install.
+"""One command for the first minutes on a GPU machine (H100/H200), ready to run blind: no internet, no
+install, only a preinstalled package set (e.g. Python 3.12, torch 2.11, triton 3.6, onnx, onnxruntime,
+onnxscript, numpy, click, rich, safetensors, pyyaml, pillow, pytest, pytest-xdist, matplotlib):
 
-    PYTHONPATH=$PWD python benchmarks/gpu_check.py --out /tmp/gpu_check --stage kernels --stage parity
-    PYTHONPATH=$PWD python benchmarks/gpu_check.py --out /tmp/gpu_check --stage bench --stage train
-    PYTHONPATH=$PWD python benchmarks/gpu_check.py --out /tmp/gpu_check --stage daformer
+    python benchmarks/gpu_check.py --out DIR              under 8 minutes in all (--budget, default 450 s)
+    python benchmarks/gpu_check.py --out DIR --dry-run    any machine: imports and plans every stage
 
-(commands of well under 10 minutes; no stage may take more than ``STAGE_TIMEOUT_S``). Nothing is
-installed: when ``diga_fast.kernels`` is not importable, a tree of links in ``OUT/src`` gives the
-source tree the package layout of ``pyproject.toml``, for this process and every subprocess.
+It runs from a bare checkout (the repository root goes first on sys.path and PYTHONPATH). Stages, in
+priority order, each in its own process:
+  kernels   every kernel against its reference, compiled for this GPU: the kernel test files with
+            DIGA_KERNEL_TESTS=full (``test_every_config`` at the training shapes for every autotune
+            config and fp32/fp16/bf16, beside each file's other tests), on pytest-xdist workers when
+            it is there. With TRITON_INTERPRET=1 and no GPU: the same files through the interpreter.
+  bench     ``diga bench kernels`` at the training shapes, fp32 then bf16 then fp16: each fused kernel
+            against its eager and its torch.compile'd reference (and the official per-class loop).
+  train     ``diga bench train`` (paper preset, DeepLabV2-R101): torch-fp32, kernels-fp32,
+            kernels-bf16-cl, kernels-bf16-cl-compile, then the compiled and bf16 references; peak memory.
+  onnx      ``diga bench infer``: ONNX Runtime CUDA (fp32, fp16, IO binding) against eager torch.
+  daformer  ``diga bench train --preset paper-daformer`` (MiT-B5) and MiT-B5 inference rows.
 
-Stages (each runs in its own subprocess with a timeout and ends "ok", "FAILED: why" or "skipped: why";
-the exit status is non-zero when any stage FAILED, and a failed or timed-out stage never stops the next):
-  kernels  the kernel tests compiled for the GPU (pytest, TRITON_INTERPRET unset). Without pytest:
-           skipped, saying how to carry it (PYTHONPATH=<a copy of pytest, pluggy, iniconfig, packaging>).
-  parity   every kernel at full size against float64 and the eager version; fails on any mismatch
-           beyond the stated tolerance, on non-determinism of class_feature_sums (two runs, two
-           launch configurations), and on assign_centroids' fp32 dot-precision variants (reported).
-  bench    ``diga bench kernels`` (fp32, bf16): rows to OUT/kernels.csv, plot when matplotlib is there.
-  train    ``diga bench train`` (paper preset, 10 steps); needs safetensors, PyYAML and Pillow:
-           skipped, naming what is missing, without them.
-  daformer ``diga bench train --preset paper-daformer`` (MiT-B5, 512x512 crops, batch 2 + 2: the
-           measured peak memory the README waits for), fp32 and bf16 + channels_last, then
-           ``diga bench infer --model daformer_mitb5`` (torch and ONNX Runtime CUDA rows); same needs.
-Results go to ``--out DIR`` (never into the source tree): gpu_check.log, kernels.csv, train.csv,
-train_daformer.csv, infer.csv, PNGs.
-``--dry-run`` (no GPU needed) imports what each stage imports, checks its prerequisites and prints its
-plan; parity and bench run at toy sizes (parity through the Triton interpreter).
+Time: one global deadline. Each stage gets a share of what is left (``STAGE_WEIGHTS`` over the stages
+still to run, so time a stage leaves goes to the next), is told its deadline, starts no work past it
+and names what it skipped for time; a stage still running GRACE_S after its deadline is killed (its
+rows so far are kept). A stage that no time is left for is "skipped: no time left".
+
+Output in DIR, at most 8 files (what the device tool brings back): gpu_check.log (everything
+printed), summary.json (rewritten after every stage: environment, then status and seconds per
+stage), tests.jsonl (one line per kernel test, written as it ends), kernels.csv, train.csv and
+infer.csv (rows appended as they are measured). A kill at any point keeps everything before it.
+Compiled kernels, Triton's autotune choices and Inductor's code are kept across the stage processes in
+``--cache`` (TRITON_CACHE_DIR with TRITON_CACHE_AUTOTUNING=1, TORCHINDUCTOR_CACHE_DIR), never in DIR.
+
+Exit status 0 only when every stage ran in full ("ok"); "partial: skipped for time ...", "skipped:
+why" (a missing package, no CUDA device, no CUDA provider in ONNX Runtime) and "FAILED: why" make it 1,
+and the summary names each.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 if __name__ == "__main__" and sys.path[0] == str(Path(__file__).resolve().parent):
@@ -44,20 +46,44 @@ if __name__ == "__main__" and sys.path[0] == str(Path(__file__).resolve().parent
     # the repository root takes its place, which also makes a bare checkout importable.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-REPO = Path(__file__).resolve().parents[1]
-STAGES = ("kernels", "parity", "bench", "train", "daformer")
-STAGE_TIMEOUT_S = {"kernels": 290, "parity": 240, "bench": 290, "train": 290, "daformer": 290}
-PACKAGE_DIRS = {"kernels": "kernels", "cli": "cli", "benchmarks": "benchmarks"}  # pyproject's package-dir
-STATUS = "STATUS:"  # a stage's last line: "STATUS: ok" | "STATUS: FAILED: why" | "STATUS: skipped: why"
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import queue
+import subprocess
+import threading
+import time
 
-FULL = {"assign": (2, 256, 512, 1024), "ce": (2, 19, 512, 1024), "crdomix": (8, 3, 720, 1280),
-        "sums": [(2, 2048, 65, 129), (2, 256, 512, 1024)], "precision": (2, 256, 512, 512)}
-TINY = {"assign": (2, 16, 8, 16), "ce": (2, 19, 8, 16), "crdomix": (2, 3, 8, 32),
-        "sums": [(2, 16, 8, 16)], "precision": (2, 16, 8, 16)}
-DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# Parity tolerances, relative to the float64 value's scale (fp32 inputs; 16-bit inputs are rounded
-# before any kernel sees them, so the tolerance is about the accumulation only).
-TOL = {"loss": 1e-5, "grad": 1e-5, "sums": 1e-5, "score": 1e-4, "label_agreement_pct": 99.99}
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("kernels", "bench", "train", "onnx", "daformer")
+STAGE_WEIGHTS = {"kernels": 3.0, "bench": 2.0, "train": 2.0, "onnx": 1.0, "daformer": 1.5}
+DEFAULT_BUDGET_S = 450.0
+GRACE_S = 15.0
+MIN_STAGE_S = 20.0  # a stage with less than this left is not started
+NEEDS = {  # importable modules each stage needs beyond torch
+    "kernels": ["triton", "pytest"],
+    "bench": ["triton"],
+    "train": ["triton", "safetensors", "yaml", "PIL", "click", "rich"],
+    "onnx": ["onnx", "onnxruntime", "onnxscript", "safetensors", "yaml", "PIL", "rich"],
+    "daformer": ["triton", "safetensors", "yaml", "PIL", "click", "rich"],
+}
+STATUS = "STATUS:"  # a stage's last line: "STATUS: ok" | "STATUS: partial: why" | "STATUS: skipped: why" | ...
+KERNEL_TEST_FILES = ("test_kernel_assign_centroids.py", "test_kernel_consensus_cross_entropy.py",
+                     "test_kernel_crdomix_blend.py", "test_kernel_class_feature_sums.py")
+# bench shapes: the training shapes first (DeepLabV2 features and logits of the paper crops)
+BENCH_SHAPES = {
+    "assign_centroids": [(2, 256, 65, 129), (2, 2048, 65, 129)],
+    "consensus_cross_entropy": [(3, 19, 512, 896)],
+    "crdomix_blend": [(3, 3, 512, 896)],
+    "class_feature_sums": [(2, 256, 65, 129), (2, 2048, 65, 129)],
+}
+TRAIN_SETUPS = ["torch-fp32", "kernels-fp32", "kernels-bf16-cl", "kernels-bf16-cl-compile", "compile-fp32",
+                "torch-bf16-cl", "compile-bf16-cl"]
+DAFORMER_SETUPS = ["torch-fp32", "kernels-bf16-cl"]
+ONNX_IMPLS = ["torch-eager-fp32", "torch-eager-fp16", "ort-cuda-fp32", "ort-cuda-fp16", "ort-cuda-fp32-iobinding",
+              "ort-cuda-fp16-iobinding"]
 
 
 class StageSkipped(Exception):
@@ -68,239 +94,128 @@ class StageFailed(Exception):
     pass
 
 
-# ----------------------------------------------------------------------------- source tree
-def source_pythonpath(out: Path) -> str | None:
-    """A directory that makes ``import diga_fast.kernels`` work from the source tree (links in
-    OUT/src), or None when diga-fast is importable as it is (installed, editable or not)."""
-    try:
-        if importlib.util.find_spec("diga_fast.kernels") is not None:
-            return None
-    except ModuleNotFoundError:
-        pass
-    root = out / "src" / "diga_fast"
-    root.mkdir(parents=True, exist_ok=True)
-    for entry in (REPO / "diga_fast").iterdir():
-        link = root / entry.name
-        if not link.exists():
-            link.symlink_to(entry)
-    for name, folder in PACKAGE_DIRS.items():
-        link = root / name
-        if not link.exists():
-            link.symlink_to(REPO / folder)
-    return str(out / "src")
-
-
 def missing(modules: list[str]) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
-# ----------------------------------------------------------------------------- stage: kernels
-def stage_kernels(out: Path, dry_run: bool) -> None:
-    if missing(["pytest"]):
-        raise StageSkipped(
-            "pytest is not importable; carry pytest, _pytest, pluggy, iniconfig, packaging (and pygments) "
-            "from a virtualenv's site-packages and add that folder to PYTHONPATH"
-        )
-    tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernel_*.py"))
-    tests.append("tests/test_bench_kernels.py")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10",
-           "-o", "addopts=", "--junitxml", str(out / "kernel_tests.xml"), *tests]
-    print("$", " ".join(cmd))
+def versions() -> dict:
+    """What this machine runs: interpreter, packages, device; and the import names no folder of this
+    repository may answer to."""
+    import torch
+
+    import diga_fast
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "diga_fast": str(Path(diga_fast.__file__).resolve().parent)}
+    for module in ("triton", "onnx", "onnxruntime", "onnxscript", "transformers", "pytest", "xdist", "numpy"):
+        spec = importlib.util.find_spec(module)
+        if spec is None:
+            info[module] = "missing"
+            continue
+        try:
+            info[module] = getattr(__import__(module), "__version__", "present")
+        except Exception as err:  # noqa: BLE001 - a broken install is reported, not fatal
+            info[module] = f"broken: {type(err).__name__}: {err}"
+    if info["onnxruntime"] not in ("missing",) and not info["onnxruntime"].startswith("broken"):
+        import onnxruntime
+
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["device"] = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
+    else:
+        info["device"] = "no CUDA device"
+    shadowed = {}
+    for name in ("kernels", "cli", "benchmarks", "tests"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin and Path(spec.origin).resolve().is_relative_to(REPO / name):
+            shadowed[name] = spec.origin
+    info["shadowed_by_this_repository"] = shadowed
+    return info
+
+
+def left(deadline: float) -> float:
+    return deadline - time.time()
+
+
+# ----------------------------------------------------------------------------- stages
+def stage_kernels(out: Path, deadline: float, dry_run: bool) -> list[str]:
+    import torch
+
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (torch.cuda.is_available() or interpreted or dry_run):
+        raise StageSkipped("no CUDA device (TRITON_INTERPRET=1 runs the kernel tests through the interpreter)")
+    files = [str(REPO / "tests" / name) for name in KERNEL_TEST_FILES]
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfE",
+            "-p", "diga_fast.benchmarks.pytest_rows"]
+    env = dict(os.environ, DIGA_TEST_ROWS=str(out / "tests.jsonl"))
+    if torch.cuda.is_available():
+        env["DIGA_KERNEL_TESTS"] = "full"
+    collected = subprocess.run([*base, "--collect-only", *files], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=max(30.0, left(deadline)))
+    planned = [line for line in collected.stdout.splitlines() if "::" in line]
+    if collected.returncode != 0 or not planned:
+        print(collected.stdout[-6000:] + collected.stderr[-3000:])
+        raise StageFailed(f"collecting the kernel tests failed (exit code {collected.returncode})")
+    per_file = {Path(f).name: sum(line.startswith(f"tests/{Path(f).name}::") for line in planned) for f in files}
+    mode = "full size, every config" if env.get("DIGA_KERNEL_TESTS") == "full" else (
+        "interpreted, test sizes" if interpreted else "test sizes")
+    print(f"{len(planned)} kernel tests ({mode}): " + ", ".join(f"{k} {v}" for k, v in per_file.items()))
     if dry_run:
-        print(f"dry run: would run {len(tests)} test files with TRITON_INTERPRET unset")
-        return
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=STAGE_TIMEOUT_S["kernels"] - 20)
-    print((proc.stdout + proc.stderr)[-12000:])
-    if proc.returncode != 0:
-        raise StageFailed(f"pytest exit code {proc.returncode}")
-
-
-# ----------------------------------------------------------------------------- stage: parity
-def _max_abs(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item()
-
-
-class Checks:
-    """Collects pass/fail lines; the stage fails when any check failed."""
-
-    def __init__(self):
-        self.failed: list[str] = []
-
-    def check(self, ok: bool, text: str) -> None:
-        print(("ok      " if ok else "MISMATCH ") + text, flush=True)
-        if not ok:
-            self.failed.append(text)
-
-
-def stage_parity(out: Path, dry_run: bool, dtypes: list[str]) -> None:
-    import torch
-    from diga_fast.benchmarks.kernels import blocky_labels
-    from diga_fast.kernels import (
-        assign_centroids,
-        assign_centroids_ref,
-        class_feature_sums,
-        class_feature_sums_ref,
-        consensus_cross_entropy,
-        consensus_cross_entropy_ref,
-        crdomix_blend,
-        crdomix_blend_ref,
-    )
-    from diga_fast.kernels.class_feature_sums import _class_feature_sums_triton
-
-    sizes = TINY if dry_run else FULL
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise StageSkipped("no CUDA device (and not a dry run through the interpreter)")
-    g = torch.Generator(device=dev).manual_seed(0)
-    gc = torch.Generator().manual_seed(0)
-    checks = Checks()
-
-    B, C, H, W = sizes["assign"]
-    for name in dtypes:
-        dtype = getattr(torch, DTYPE_NAMES[name])
-        f = torch.randn(B, C, H, W, device=dev, generator=g).to(dtype)
-        c = torch.randn(19, C, device=dev, generator=g)
-        for metric in ("cosine", "l2"):
-            exact_labels, exact_score = assign_centroids_ref(f.double(), c.double(), metric)
-            fd = f.double()
-            if metric == "cosine":
-                sim = torch.einsum("bchw,kc->bkhw", torch.nn.functional.normalize(fd, dim=1),
-                                   torch.nn.functional.normalize(c.double(), dim=1))
-            else:
-                sim = -torch.cdist(fd.flatten(2).transpose(1, 2), c.double()[None].expand(B, -1, -1))
-                sim = sim.transpose(1, 2).reshape(B, 19, H, W)
-            best = sim.max(dim=1).values
-            scale = max(1.0, exact_score.abs().max().item())
-            for impl, (labels, score) in [
-                ("triton", assign_centroids(f, c, metric, backend="triton")),
-                ("triton channels_last",
-                 assign_centroids(f.to(memory_format=torch.channels_last), c, metric, backend="triton")),
-            ]:
-                agree = (labels == exact_labels).double().mean().item() * 100
-                regret = (best - sim.gather(1, labels[:, None])[:, 0]).max().item()
-                err = _max_abs(score, exact_score)
-                checks.check(agree >= TOL["label_agreement_pct"] and regret <= TOL["score"] * scale
-                             and err <= TOL["score"] * scale,
-                             f"assign_centroids {name} {metric} {impl}: label agreement {agree:.5f}%, "
-                             f"max regret {regret:.2e}, max |score err| {err:.2e}")
-            del sim, best, fd
-
-    B, K, H, W = sizes["ce"]
-    for name in dtypes:
-        dtype = getattr(torch, DTYPE_NAMES[name])
-        x = (3 * torch.randn(B, K, H, W, device=dev, generator=g)).to(dtype)
-        prob = blocky_labels(B, H, W, K, generator=gc, device=dev)
-        feat = torch.where(blocky_labels(B, H, W, 4, generator=gc, device=dev) > 0, prob,
-                           blocky_labels(B, H, W, K, generator=gc, device=dev))
-        prob[blocky_labels(B, H, W, 20, generator=gc, device=dev) == 0] = 255
-        results = {}
-        for impl, fn, inp in [("float64", consensus_cross_entropy_ref, x.double()),
-                              ("triton", lambda *a: consensus_cross_entropy(*a, backend="triton"), x)]:
-            xi = inp.detach().clone().requires_grad_(True)
-            loss = fn(xi, prob, feat)
-            results[impl] = (loss.detach(), torch.autograd.grad(loss, xi)[0])
-        (ref_loss, ref_grad), (loss, grad) = results["float64"], results["triton"]
-        loss_err, grad_err = abs(loss.item() - ref_loss.item()), _max_abs(grad, ref_grad)
-        grad_tol = TOL["grad"] * ref_grad.abs().max().item() * (1 if name == "fp32" else 1000)
-        checks.check(loss_err <= TOL["loss"] * abs(ref_loss.item()) and grad_err <= grad_tol,
-                     f"consensus_cross_entropy {name}: loss {loss.item():.7f} (float64 {ref_loss.item():.7f}), "
-                     f"max |grad err| {grad_err:.2e} (tolerance {grad_tol:.1e})")
-        none = consensus_cross_entropy(x.detach().requires_grad_(True), prob, (prob + 1) % K, backend="triton")
-        checks.check(none.item() == 0.0, f"consensus_cross_entropy {name} all-disagree loss {none.item()!r}")
-
-    B, C, H, W = sizes["crdomix"]
-    for name in dtypes:
-        dtype = getattr(torch, DTYPE_NAMES[name])
-        src = torch.rand(B, C, H, W, device=dev, generator=g).to(dtype)
-        trans = torch.rand(B, C, H, W, device=dev, generator=g).to(dtype)
-        labels = blocky_labels(B, H, W, 19, block=32, generator=gc, device=dev)
-        labels[blocky_labels(B, H, W, 10, block=32, generator=gc, device=dev) == 0] = 255
-        sel = torch.rand(B, 256, device=dev, generator=g) < 0.5
-        want = crdomix_blend_ref(src, trans, labels, sel)
-        for label_dtype in (torch.int64, torch.uint8):
-            got = crdomix_blend(src, trans, labels.to(label_dtype), sel, backend="triton")
-            checks.check(torch.equal(got, want), f"crdomix_blend {name} {label_dtype} labels: bitwise equal to eager")
-        got = crdomix_blend(src.to(memory_format=torch.channels_last), trans, labels, sel, backend="triton")
-        checks.check(torch.equal(got, want), f"crdomix_blend {name} channels_last source: bitwise equal to eager")
-
-    for name in dtypes:
-        dtype = getattr(torch, DTYPE_NAMES[name])
-        for shape in sizes["sums"]:
-            f = torch.randn(*shape, device=dev, generator=g).to(dtype)
-            labels = blocky_labels(shape[0], shape[2], shape[3], 19, block=4, generator=gc, device=dev)
-            labels[blocky_labels(shape[0], shape[2], shape[3], 10, block=4, generator=gc, device=dev) == 0] = 255
-            ref_sums, ref_counts = class_feature_sums_ref(f.double(), labels, 19)
-            sums, counts = class_feature_sums(f, labels, 19, backend="triton")
-            err, scale = _max_abs(sums, ref_sums), max(1.0, ref_sums.abs().max().item())
-            label = f"class_feature_sums {name} {'x'.join(map(str, shape))}"
-            checks.check(torch.equal(counts, ref_counts) and err <= TOL["sums"] * scale,
-                         f"{label}: counts equal {torch.equal(counts, ref_counts)}, max |sum err| {err:.2e}")
-            again = class_feature_sums(f, labels, 19, backend="triton")
-            other = _class_feature_sums_triton(f, labels, 19, 255, block_c=32, spans_per_program=2)
-            same = torch.equal(sums, again[0]) and torch.equal(counts, again[1])
-            checks.check(same, f"{label}: two runs bitwise equal")
-            if dev == "cuda":  # the interpreter's numpy matmul rounds differently per block shape
-                checks.check(torch.equal(sums, other[0]), f"{label}: other block size / grid bitwise equal")
-
-    if not dry_run:
-        dot_precision_variants(dev, sizes)
-    if checks.failed:
-        raise StageFailed(f"{len(checks.failed)} mismatches: " + "; ".join(checks.failed)[:400])
-
-
-def dot_precision_variants(device: str, sizes: dict) -> None:
-    """assign_centroids fp32 with each tl.dot precision: speed and accuracy (a report, not a check)."""
-    import importlib
-
-    import torch
-    import triton.testing
-    from diga_fast.kernels import assign_centroids, assign_centroids_ref
-
-    ac = importlib.import_module("diga_fast.kernels.assign_centroids")
-    B, C, H, W = sizes["precision"]
-    g = torch.Generator(device=device).manual_seed(1)
-    f = torch.randn(B, C, H, W, device=device, generator=g)
-    c = torch.randn(19, C, device=device, generator=g)
-    exact_labels, exact_score = assign_centroids_ref(f.double(), c.double())
-    nbytes = ac.traffic_bytes(B, C, H, W, 19, 4)
-    eager_ms = triton.testing.do_bench(lambda: assign_centroids_ref(f, c), quantiles=[0.5])[0]
-    print(f"eager assign_centroids {B}x{C}x{H}x{W} fp32 cosine: {eager_ms:.3f} ms")
-    default = ac.FP32_DOT_PRECISION
+        print("dry run: on a GPU each file's test_every_config runs at the training shapes for every autotune config")
+        return []
+    workers = []
+    if not missing(["xdist"]) and torch.cuda.is_available():
+        workers = ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2))), "--dist", "load"]
+    cmd = [*base, *workers, "--durations=5", *files]
+    print("$", " ".join(cmd))
     try:
-        for precision in ("tf32x3", "ieee", "tf32"):
-            ac.FP32_DOT_PRECISION = precision
-            labels, score = assign_centroids(f, c, backend="triton")
-            ms = triton.testing.do_bench(lambda: assign_centroids(f, c, backend="triton"), quantiles=[0.5])[0]
-            agree = (labels == exact_labels).double().mean().item() * 100
-            print(f"  dot precision {precision:6s}: {ms:.3f} ms  {nbytes / ms / 1e6:7.0f} GB/s  "
-                  f"{eager_ms / ms:5.1f}x eager  label agreement {agree:.5f}%  "
-                  f"max |score err| {_max_abs(score, exact_score):.2e}")
-    finally:
-        ac.FP32_DOT_PRECISION = default
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(10.0, left(deadline)))
+    except subprocess.TimeoutExpired as err:
+        text = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        print(text[-6000:])
+        ran = _count_rows(out / "tests.jsonl")
+        return [f"killed at its deadline after {ran} of {len(planned)} tests (tests.jsonl has each)"]
+    print((proc.stdout + proc.stderr)[-8000:])
+    if proc.returncode != 0:
+        raise StageFailed(f"pytest exit code {proc.returncode} (failures in tests.jsonl)")
+    return []
 
 
-# ----------------------------------------------------------------------------- stages: bench, train
-def stage_bench(out: Path, dry_run: bool, dtypes: list[str], quick: bool) -> None:
+def _count_rows(path: Path) -> int:
+    try:
+        return sum(1 for _ in path.open())
+    except OSError:
+        return 0
+
+
+def stage_bench(out: Path, deadline: float, dry_run: bool) -> list[str]:
     import torch
     from diga_fast.benchmarks import kernels
 
     if dry_run:
         tiny = {op: [(1, 19 if op == "consensus_cross_entropy" else 8, 5, 7)] for op in kernels.OPS}
         tiny["crdomix_blend"] = [(1, 3, 5, 7)]
-        rows = kernels.run(quick=True, csv_path=out / "kernels.csv", plot_path=None, dtypes=dtypes,
-                           shapes=tiny, budget_s=0.0)
-    else:
-        if not torch.cuda.is_available():
-            raise StageSkipped("no CUDA device")
-        tag = "".join(ch if ch.isalnum() else "_" for ch in torch.cuda.get_device_name()).strip("_")
-        plot = out / f"kernels_{tag}.png" if not missing(["matplotlib"]) else None
-        rows = kernels.run(quick=quick, csv_path=out / "kernels.csv", plot_path=plot, dtypes=dtypes)
-    if not rows:
-        raise StageFailed("the bench returned no rows")
-    print(f"{len(rows)} rows in {out / 'kernels.csv'}")
+        import torch._inductor  # noqa: F401 - the compiled references' backend is importable
+        rows = kernels.run(csv_path=out / "kernels.csv", dtypes=["fp32", "bf16"], shapes=tiny, budget_s=0.0,
+                           impls=["torch", "loop"], print_table=False)
+        print(f"dry run: {len(rows)} rows at toy sizes; on a GPU: {BENCH_SHAPES}, fp32, bf16, fp16, "
+              f"impls {kernels.IMPL_ORDER}")
+        return []
+    if not torch.cuda.is_available():
+        raise StageSkipped("no CUDA device")
+    skipped = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        if left(deadline) <= 0:
+            skipped.append(f"dtype {dtype}")
+            continue
+        rows = kernels.run(csv_path=out / "kernels.csv", dtypes=[dtype], shapes=BENCH_SHAPES, deadline=deadline,
+                           print_table=True)
+        expected = sum(len(v) for v in BENCH_SHAPES.values())
+        if not rows and expected:
+            skipped.append(f"dtype {dtype}")
     print_tuned_configs()
+    return skipped
 
 
 def print_tuned_configs() -> None:
@@ -317,59 +232,99 @@ def print_tuned_configs() -> None:
                     print(f"autotuned {attr} {key}: {config}")
 
 
-def stage_train(out: Path, dry_run: bool) -> None:
-    lacking = missing(["safetensors", "yaml", "PIL"])
-    if lacking:
-        raise StageSkipped(f"missing {', '.join(lacking)} (pip install safetensors pyyaml pillow)")
+def _plan_training(preset: str, setups: list[str]) -> None:
+    """Every setup's recipe resolved and checked, then one real step of the first on this machine at a
+    toy crop (the network, the data, pseudo-labels, centroids, the loop): what the stage will run."""
+    from diga_fast.benchmarks import train
+
+    for setup in setups:
+        recipe = train._recipe(preset, 10, list(train.SETUPS[setup]))
+        print(f"dry run: {preset} {setup}: {recipe.model.arch}, crop {recipe.data.crop}, batch "
+              f"{recipe.data.batch_size}+{recipe.data.batch_size}, kernels={recipe.train.kernels}, "
+              f"bf16={recipe.train.bf16}, compile={recipe.train.compile}")
+    rows = train.run(preset=preset, steps=1, warmup=0, setups=setups[:1], csv_path=None,
+                     overrides=("data.crop=[64, 64]", "data.num_workers=0"))
+    print(f"dry run: one {preset} {setups[0]} step at 64x64 took {rows[0]['total_ms']:.0f} ms here")
+
+
+def stage_train(out: Path, deadline: float, dry_run: bool) -> list[str]:
+    import torch
     from diga_fast.benchmarks import train
 
     if dry_run:
-        print(f"dry run: would run train.run(steps=10, warmup=3, csv_path={out / 'train.csv'})")
-        return
-    import torch
-
+        _plan_training("paper", TRAIN_SETUPS)
+        return []
     if not torch.cuda.is_available():
         raise StageSkipped("no CUDA device")
-    train.run(steps=10, warmup=3, csv_path=out / "train.csv")
+    rows = train.run(preset="paper", steps=6, warmup=3, setups=TRAIN_SETUPS, csv_path=out / "train.csv",
+                     deadline=deadline)
+    return [s for s in TRAIN_SETUPS if s not in {r["setup"] for r in rows}]
 
 
-def stage_daformer(out: Path, dry_run: bool) -> None:
-    lacking = missing(["safetensors", "yaml", "PIL"])
-    if lacking:
-        raise StageSkipped(f"missing {', '.join(lacking)} (pip install safetensors pyyaml pillow)")
+def stage_onnx(out: Path, deadline: float, dry_run: bool) -> list[str]:
+    import onnxruntime
+    import torch
+    from diga_fast.benchmarks import infer
+
+    providers = onnxruntime.get_available_providers()
+    if dry_run:
+        rows = infer.run(models=["small"], sizes=[(64, 96)], repeats=1, warmup=0, impls=["torch-eager-fp32", "ort-cpu-fp32"],
+                         csv_path=out / "infer.csv", print_table=False, note="gpu_check dry run")
+        print(f"dry run: exported and ran the small model in ONNX Runtime ({len(rows)} rows); providers {providers}; "
+              f"on a GPU: deeplabv2_r101 and small at 512x1024, {ONNX_IMPLS}")
+        return []
+    if not torch.cuda.is_available():
+        raise StageSkipped("no CUDA device")
+    if "CUDAExecutionProvider" not in providers:
+        raise StageSkipped(f"onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider (providers: "
+                           f"{', '.join(providers)}); onnxruntime-gpu brings it")
+    rows = infer.run(models=["deeplabv2_r101", "small"], sizes=[(512, 1024)], impls=ONNX_IMPLS, repeats=20,
+                     csv_path=out / "infer.csv", note="gpu_check", deadline=deadline)
+    done = {r["model"] for r in rows}
+    return [m for m in ("deeplabv2_r101", "small") if m not in done]
+
+
+def stage_daformer(out: Path, deadline: float, dry_run: bool) -> list[str]:
+    import torch
     from diga_fast.benchmarks import infer, train
 
-    setups = ["torch-fp32", "torch-bf16-cl"]
     if dry_run:
-        print(f"dry run: would run train.run(preset='paper-daformer', steps=6, warmup=2, setups={setups}, "
-              f"csv_path={out / 'train_daformer.csv'}) and infer.run(models=['daformer_mitb5'], sizes=[(512, 1024)], "
-              f"repeats=10, csv_path={out / 'infer.csv'})")
-        return
-    import torch
-
+        _plan_training("paper-daformer", DAFORMER_SETUPS)
+        print("dry run: inference rows of daformer_mitb5 at 512x1024 follow on a GPU")
+        return []
     if not torch.cuda.is_available():
         raise StageSkipped("no CUDA device")
-    train.run(preset="paper-daformer", steps=6, warmup=2, setups=setups, csv_path=out / "train_daformer.csv")
-    infer.run(models=["daformer_mitb5"], sizes=[(512, 1024)], repeats=10, csv_path=out / "infer.csv", note="gpu_check")
-
-
-def run_stage(name: str, args) -> int:
-    """In the stage's own process: run it and end with the STATUS line; the exit code says the same."""
-    out = Path(args.out)
+    rows = train.run(preset="paper-daformer", steps=4, warmup=2, setups=DAFORMER_SETUPS,
+                     csv_path=out / "train.csv", deadline=deadline)
+    skipped = [f"train {s}" for s in DAFORMER_SETUPS if s not in {r["setup"] for r in rows}]
+    impls = ["torch-eager-fp32", "torch-eager-bf16"]
     try:
-        if name == "kernels":
-            stage_kernels(out, args.dry_run)
-        elif name == "parity":
-            stage_parity(out, args.dry_run, args.dtypes)
-        elif name == "bench":
-            stage_bench(out, args.dry_run, args.dtypes, args.quick_bench)
-        elif name == "train":
-            stage_train(out, args.dry_run)
-        elif name == "daformer":
-            stage_daformer(out, args.dry_run)
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            impls += ["ort-cuda-fp32", "ort-cuda-fp16-iobinding"]
+    except ImportError:
+        pass
+    if not infer.run(models=["daformer_mitb5"], sizes=[(512, 1024)], impls=impls, repeats=10,
+                     csv_path=out / "infer.csv", note="gpu_check", deadline=deadline):
+        skipped.append("daformer_mitb5 inference")
+    return skipped
+
+
+RUNNERS = {"kernels": stage_kernels, "bench": stage_bench, "train": stage_train, "onnx": stage_onnx,
+           "daformer": stage_daformer}
+
+
+def run_stage(name: str, out: Path, deadline: float, dry_run: bool) -> int:
+    """In the stage's own process: run it and end with the STATUS line; the exit code says the same."""
+    try:
+        lacking = missing(NEEDS[name])
+        if lacking:
+            raise StageSkipped(f"missing {', '.join(lacking)}")
+        skipped = RUNNERS[name](out, deadline, dry_run)
     except StageSkipped as why:
         print(f"{STATUS} skipped: {why}", flush=True)
-        return 0
+        return 1
     except StageFailed as why:
         print(f"{STATUS} FAILED: {why}", flush=True)
         return 1
@@ -379,38 +334,53 @@ def run_stage(name: str, args) -> int:
         traceback.print_exc()
         print(f"{STATUS} FAILED: {type(err).__name__}: {err}", flush=True)
         return 1
+    if skipped:
+        print(f"{STATUS} partial: skipped for time: {'; '.join(skipped)}", flush=True)
+        return 1
     print(f"{STATUS} ok", flush=True)
     return 0
 
 
 # ----------------------------------------------------------------------------- driver
+def stage_environment(cache: Path, interpret: bool) -> dict:
+    """The stage processes' environment: the checkout importable, shared compile and autotune caches."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["TRITON_CACHE_DIR"] = str(cache / "triton")
+    env["TRITON_CACHE_AUTOTUNING"] = "1"
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stage", action="append", choices=STAGES, help="stage to run (repeatable) [all]")
-    parser.add_argument("--out", required=True, help="folder for the log and the result files")
-    parser.add_argument("--dry-run", action="store_true", help="import and plan every stage (CPU is enough)")
-    parser.add_argument("--dtype", dest="dtypes", action="append", choices=list(DTYPE_NAMES))
-    parser.add_argument("--quick-bench", action="store_true", help="small bench shapes")
+    parser.add_argument("--out", required=True, help="folder for the log, the summary and the result files")
+    parser.add_argument("--stage", action="append", choices=STAGES, help="stage to run (repeatable) [all, in order]")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for everything [%(default)s]")
+    parser.add_argument("--dry-run", action="store_true", help="import and plan every stage (a CPU is enough)")
+    parser.add_argument("--cache", default=None, help="compile and autotune caches [TMPDIR/diga-gpu-check-cache]")
     parser.add_argument("--run-stage", choices=STAGES, help=argparse.SUPPRESS)  # the per-stage subprocess
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.dtypes = args.dtypes or ["fp32", "bf16"]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    args.out = str(out)
     if args.run_stage:
-        return run_stage(args.run_stage, args)
+        return run_stage(args.run_stage, out, args.deadline, args.dry_run)
 
-    env = dict(os.environ)
-    extra = source_pythonpath(out)
-    if extra:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH", "")) if p)
+    start = time.time()
+    deadline = start + args.budget
+    cache = Path(args.cache or Path(os.environ.get("TMPDIR", "/tmp")) / "diga-gpu-check-cache").resolve()
     import torch
 
     cuda = torch.cuda.is_available()
-    if args.dry_run and not cuda:
-        env["TRITON_INTERPRET"] = "1"  # parity at toy sizes through the interpreter
-    elif env.pop("TRITON_INTERPRET", None) == "1":
-        print("TRITON_INTERPRET=1 ignored: the stages check the compiled kernels")
+    # Dry runs and CPU-only kernel runs go through the interpreter; on a GPU the compiled kernels are checked.
+    interpret = not cuda and (args.dry_run or os.environ.get("TRITON_INTERPRET") == "1")
+    env = stage_environment(cache, interpret)
     log = (out / "gpu_check.log").open("a")
 
     def say(text: str) -> None:
@@ -418,34 +388,66 @@ def main(argv: list[str] | None = None) -> int:
         log.write(text + "\n")
         log.flush()
 
-    device = torch.cuda.get_device_name() if cuda else "no CUDA device"
-    say(f"gpu_check {time.strftime('%Y-%m-%d %H:%M:%S')}: {device}, torch {torch.__version__}, "
-        f"python {sys.version.split()[0]}, out {out}, source {'links in ' + extra if extra else 'importable'}"
-        + (", dry run" if args.dry_run else ""))
-    results = {}
-    for name in args.stage or STAGES:
-        say(f"\n=== {name} " + "=" * 70)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--run-stage", name, "--out", str(out),
-               *(["--dry-run"] if args.dry_run else []), *(["--quick-bench"] if args.quick_bench else []),
-               *[f"--dtype={d}" for d in args.dtypes]]
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                                  timeout=STAGE_TIMEOUT_S[name])
-            text = proc.stdout + proc.stderr
-            status = next((line[len(STATUS):].strip() for line in reversed(proc.stdout.splitlines())
-                           if line.startswith(STATUS)), f"FAILED: exit code {proc.returncode}, no status line")
-        except subprocess.TimeoutExpired as err:
-            text = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-            status = f"FAILED: timed out after {STAGE_TIMEOUT_S[name]} s"
-        for line in text.splitlines():
-            if not line.startswith(STATUS):
-                say("  " + line)
-        results[name] = status
-        say(f"--- {name}: {status} [{time.perf_counter() - start:.0f} s]")
-    say("\nsummary: " + ", ".join(f"{k} {v.split(':')[0]}" for k, v in results.items()))
+    summary = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget, "dry_run": args.dry_run,
+               "interpreted": interpret, "environment": versions(), "stages": {}}
+
+    def save_summary() -> None:
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(out / "summary.json")
+
+    say(f"gpu_check {summary['started']}: {json.dumps(summary['environment'])}")
+    shadowed = summary["environment"]["shadowed_by_this_repository"]
+    save_summary()
+    stages = [s for s in STAGES if s in (args.stage or STAGES)]
+    for i, name in enumerate(stages):
+        remaining = stages[i:]
+        share = left(deadline) * STAGE_WEIGHTS[name] / sum(STAGE_WEIGHTS[s] for s in remaining)
+        say(f"\n=== {name} ({share:.0f} s of {left(deadline):.0f} s left) " + "=" * 50)
+        began = time.time()
+        if share < MIN_STAGE_S and not args.dry_run:
+            status = "skipped: no time left"
+        else:
+            stage_deadline = began + share
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--run-stage", name, "--out", str(out),
+                   "--deadline", str(stage_deadline), *(["--dry-run"] if args.dry_run else [])]
+            status = _run_stage_process(cmd, env, timeout=max(share, 60.0 if args.dry_run else 0.0) + GRACE_S, say=say)
+        summary["stages"][name] = {"status": status, "seconds": round(time.time() - began, 1)}
+        save_summary()
+        say(f"--- {name}: {status} [{time.time() - began:.0f} s]")
+    if shadowed:
+        summary["stages"]["layout"] = {"status": f"FAILED: repository folders answer to {sorted(shadowed)}"}
+    summary["seconds"] = round(time.time() - start, 1)
+    save_summary()
+    say("\nsummary: " + ", ".join(f"{k} {v['status'].split(':')[0]}" for k, v in summary["stages"].items())
+        + f" [{summary['seconds']:.0f} s]")
     log.close()
-    return 1 if any(v.startswith("FAILED") for v in results.values()) else 0
+    return 0 if all(v["status"] == "ok" for v in summary["stages"].values()) else 1
+
+
+def _run_stage_process(cmd: list[str], env: dict, timeout: float, say) -> str:
+    """Run one stage process, its lines into the log as they come (a kill loses nothing already
+    printed); its STATUS line, or why there was none. Killed ``timeout`` seconds after its start."""
+    lines: queue.Queue = queue.Queue()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True)
+    reader.start()
+    status, stop = None, time.time() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, stop - time.time()))
+        except queue.Empty:
+            proc.kill()
+            proc.wait()
+            return f"FAILED: still running {timeout:.0f} s after its start (killed; its rows so far are kept)"
+        if line is None:
+            break
+        if line.startswith(STATUS):
+            status = line[len(STATUS):].strip()
+        else:
+            say("  " + line.rstrip("\n"))
+    proc.wait()
+    return status or f"FAILED: exit code {proc.returncode}, no status line"
 
 
 if __name__ == "__main__":

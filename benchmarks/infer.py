@@ -167,11 +167,14 @@ def run(
     print_table: bool = True,
     note: str = "",
     threads: int | None = None,
+    deadline: float | None = None,
 ) -> list[dict]:
     """Bench each model (arch names, random weights; or the ``checkpoint``) at each (H, W) of ``sizes``
-    with each implementation of ``impls`` (default: the device's set). Returns the rows appended to
-    ``csv_path`` (None: no CSV). ``note`` goes into every row (e.g. "machine shared with other jobs").
-    ``threads``: PyTorch's intra-op threads and ONNX Runtime's (default: the physical cores)."""
+    with each implementation of ``impls`` (default: the device's set). Returns the rows, the rows of a
+    (model, size) appended to ``csv_path`` (None: no CSV) as soon as they are measured. ``note`` goes
+    into every row (e.g. "machine shared with other jobs"). ``threads``: PyTorch's intra-op threads and
+    ONNX Runtime's (default: the physical cores). Past ``deadline`` (a ``time.time()``) the (model,
+    size) pairs left are skipped and named in a note."""
     from diga_fast.export import physical_cores
 
     cuda = torch.cuda.is_available()
@@ -193,6 +196,9 @@ def run(
             for label, model, space in _models(models, checkpoint):
                 onnx_files = _export_onnx(model, space, impls, Path(tmp))
                 for height, width in sizes:
+                    if deadline is not None and time.time() > deadline:
+                        notes.append(f"{label} {height}x{width} skipped for time")
+                        continue
                     image = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
                     image = image.to("cuda" if cuda else "cpu")
                     size_rows = []
@@ -210,12 +216,16 @@ def run(
                     for r in size_rows:
                         r["speedup_vs_eager"] = eager / r["ms_p50"] if eager else float("nan")
                     rows.extend(size_rows)
+                    if csv_path is not None and size_rows:  # at once: a killed run keeps what it measured
+                        append_rows(size_rows, Path(csv_path), CSV_COLUMNS)
     finally:
         torch.set_num_threads(previous_threads)
     if print_table:
         _print_table(rows, notes, name)
+    else:
+        for note_line in notes:
+            print(f"note: {note_line}")
     if csv_path is not None and rows:
-        append_rows(rows, Path(csv_path), CSV_COLUMNS)
         print(f"{len(rows)} rows appended to {csv_path}")
     return rows
 
@@ -278,6 +288,3 @@ def _runner(impl: str, model, image: torch.Tensor, onnx_files: dict[str, Path], 
     precision = "fp16" if "fp16" in impl else "fp32"
     return _ort_runner(onnx_files[precision], image, impl, model.num_classes, threads)
 
-
-if __name__ == "__main__":
-    run()

@@ -1,11 +1,15 @@
-"""Kernel bench: each fused Triton op against the vectorised eager PyTorch version (its ``*_ref``) and,
-for the ops the official code wrote as per-class Python loops, against such a loop.
+"""Kernel bench: each fused Triton op against its PyTorch reference (``*_ref``) run eagerly and compiled
+by ``torch.compile`` (Inductor: what a user would reach for instead of a hand-written kernel) and, for
+the ops the official code wrote as per-class Python loops, against such a loop.
 
-For every op, shape, dtype and implementation it reports the 20/50/80th percentile time, the
-effective bandwidth (the op's ``traffic_bytes`` model over the median time), that bandwidth as a share
-of the copy bandwidth this bench measures on the same device (a large device-to-device copy), and the
-memory allocated beyond the inputs (CUDA only). Rows are appended to one CSV whose rows name the
-device and versions, so results from different cards never mix.
+The references are timed as a user would call them: fp16/bf16 inputs stay in their dtype (no upcast
+pass that the kernel would not pay for). For every op, shape, dtype and implementation the bench
+reports the 20/50/80th percentile time, the effective bandwidth (the op's ``traffic_bytes`` model over
+the median time), that bandwidth as a share of the copy bandwidth it measures on the same device (a
+large device-to-device copy), the memory allocated beyond the inputs (CUDA only), and the speed-up
+over the eager and over the compiled reference. The rows of a case are appended to one CSV the moment
+the case is measured (a killed run keeps every case before it); rows name the device and versions, so
+results from different cards never mix.
 
 On a CPU only the PyTorch paths run (Triton needs a GPU; its interpreter is for tests, not timing).
 """
@@ -30,9 +34,11 @@ from diga_fast.kernels import (
     class_feature_sums,
     class_feature_sums_ref,
     consensus_cross_entropy,
+    consensus_cross_entropy_ref,
     crdomix_blend,
     crdomix_blend_ref,
 )
+from diga_fast.kernels._common import reference
 
 OPS = ("assign_centroids", "consensus_cross_entropy", "crdomix_blend", "class_feature_sums")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -40,10 +46,12 @@ NUM_CLASSES = 19
 CSV_COLUMNS = [
     "timestamp", "device", "torch", "triton", "op", "shape", "dtype", "impl",
     "ms_p20", "ms_p50", "ms_p80", "gbps", "pct_copy_bw", "copy_gbps", "extra_mem_mb", "saved_for_backward_mb",
-    "speedup_vs_torch",
+    "speedup_vs_torch", "speedup_vs_compile",
 ]
 DEFAULT_CSV = Path("diga-bench/kernels.csv")  # under the current directory; --record: results/
-IMPL_ORDER = ("triton", "torch", "loop")  # fused kernel, vectorised eager reference, per-class Python loop
+# eager reference, torch.compile of it, fused kernel, per-class Python loop: the references come first, so
+# that every row's speed-ups are known when it is written
+IMPL_ORDER = ("torch", "compile", "triton", "loop")
 
 # (B, C or K, H, W) per op. Full: DeepLabV2 feature maps (65×129 for 512×1024 inputs) with 256 and
 # 2048 channels, full-resolution features, 19-class logits at label resolution, GTA5-size images.
@@ -114,22 +122,31 @@ def blocky_labels(B, H, W, num_values, block=16, generator=None, device="cpu"):
     return F.interpolate(low, scale_factor=block, mode="nearest")[:, 0, :H, :W].long().to(device)
 
 
-def _cases(op: str, shape: tuple, dtype: torch.dtype, device: str, with_triton: bool):
+def _cases(op: str, shape: tuple, dtype: torch.dtype, device: str, with_triton: bool, with_compile: bool = True):
     """Yield (shape label, traffic bytes, {impl: fn}, {impl: forward-only fn}) for one op/shape/dtype;
-    the forward-only functions (ops with a backward) measure what the forward keeps for the backward."""
+    the forward-only functions (ops with a backward) measure what the forward keeps for the backward.
+    "torch" is the eager reference in the inputs' dtype, "compile" the same function through
+    ``torch.compile``."""
     g = torch.Generator().manual_seed(0)  # small tensors (label blocks, tables), made on the CPU
     gd = torch.Generator(device=device).manual_seed(0)  # large ones, made where they are used
     mod = _kernel_module(op)
     B, C, H, W = shape
     size = torch.tensor([], dtype=dtype).element_size()
+    lowp = {} if dtype == torch.float32 else {"upcast": False}  # as a user calls it: no upcast pass
+
+    def references(ref, *args, **kwargs):
+        impls = {"torch": lambda: ref(*args, **kwargs)}
+        if with_compile:
+            compiled = reference(ref, "compile")
+            impls["compile"] = lambda: compiled(*args, **kwargs)
+        return impls
+
     if op == "assign_centroids":
         features = torch.randn(B, C, H, W, generator=gd, device=device).to(dtype)
         centroids = torch.randn(NUM_CLASSES, C, generator=gd, device=device)
         for metric in ("cosine", "l2"):
-            impls = {
-                "torch": lambda m=metric: assign_centroids_ref(features, centroids, m),
-                "loop": lambda m=metric: assign_centroids_loop(features, centroids, m),
-            }
+            impls = {**references(assign_centroids_ref, features, centroids, metric, **lowp),
+                     "loop": lambda m=metric: assign_centroids_loop(features, centroids, m)}
             if with_triton:
                 impls["triton"] = lambda m=metric: assign_centroids(features, centroids, m, backend="triton")
             label = f"{B}x{C}x{H}x{W} K={NUM_CLASSES} {metric}"
@@ -142,16 +159,12 @@ def _cases(op: str, shape: tuple, dtype: torch.dtype, device: str, with_triton: 
         feat = torch.where(keep, prob, other)
         prob[blocky_labels(B, H, W, 20, generator=g, device=device) == 0] = 255  # ~5% ignore
         valid = ((prob == feat) & (prob != 255)).float().mean().item()
-
-        def fwd_bwd(backend):
-            loss = consensus_cross_entropy(logits, prob, feat, backend=backend)
-            return torch.autograd.grad(loss, logits)[0]
-
-        backends = (["triton"] if with_triton else []) + ["torch"]
-        impls = {b: (lambda b=b: fwd_bwd(b)) for b in backends}
-        forwards = {b: (lambda b=b: consensus_cross_entropy(logits, prob, feat, backend=b)) for b in backends}
+        losses = references(consensus_cross_entropy_ref, logits, prob, feat, **lowp)
+        if with_triton:
+            losses["triton"] = lambda: consensus_cross_entropy(logits, prob, feat, backend="triton")
+        impls = {name: (lambda fn=fn: torch.autograd.grad(fn(), logits)[0]) for name, fn in losses.items()}
         label = f"{B}x{C}x{H}x{W} fwd+bwd valid={valid:.2f} (GB/s of the minimum traffic)"
-        yield label, mod.minimum_traffic_bytes(B, C, H, W, size, 8), impls, forwards
+        yield label, mod.minimum_traffic_bytes(B, C, H, W, size, 8), impls, losses
     elif op == "crdomix_blend":
         source = torch.rand(B, C, H, W, generator=gd, device=device).to(dtype)
         translated = torch.rand(B, C, H, W, generator=gd, device=device).to(dtype)
@@ -159,22 +172,22 @@ def _cases(op: str, shape: tuple, dtype: torch.dtype, device: str, with_triton: 
         labels[blocky_labels(B, H, W, 10, block=32, generator=g, device=device) == 0] = 255
         selected = (torch.rand(B, 256, generator=g) < 0.5).to(device)
         selected[:, 255] = True
-        impls = {
-            "torch": lambda: crdomix_blend_ref(source, translated, labels, selected),
-            "loop": lambda: crdomix_blend_loop(source, translated, labels, selected),
-        }
-        if with_triton:
-            impls["triton"] = lambda: crdomix_blend(source, translated, labels, selected, backend="triton")
-        yield f"{B}x{C}x{H}x{W} int64 labels", mod.traffic_bytes(B, C, H, W, size, 8), impls, {}
+        for label_dtype in (torch.int64, torch.uint8):
+            lab = labels.to(label_dtype)
+            impls = {**references(crdomix_blend_ref, source, translated, lab, selected),
+                     "loop": lambda lab=lab: crdomix_blend_loop(source, translated, lab, selected)}
+            if with_triton:
+                impls["triton"] = lambda lab=lab: crdomix_blend(source, translated, lab, selected, backend="triton")
+            label_bytes = lab.element_size()
+            yield (f"{B}x{C}x{H}x{W} {str(label_dtype).removeprefix('torch.')} labels",
+                   mod.traffic_bytes(B, C, H, W, size, label_bytes), impls, {})
     elif op == "class_feature_sums":
         features = torch.randn(B, C, H, W, generator=gd, device=device).to(dtype)
         labels = blocky_labels(B, H, W, NUM_CLASSES, block=4, generator=g, device=device)
         labels[blocky_labels(B, H, W, 10, block=4, generator=g, device=device) == 0] = 255
         valid = (labels != 255).float().mean().item()
-        impls = {
-            "torch": lambda: class_feature_sums_ref(features, labels, NUM_CLASSES),
-            "loop": lambda: class_feature_sums_loop(features, labels, NUM_CLASSES),
-        }
+        impls = {**references(class_feature_sums_ref, features, labels, NUM_CLASSES, **lowp),
+                 "loop": lambda: class_feature_sums_loop(features, labels, NUM_CLASSES)}
         if with_triton:
             impls["triton"] = lambda: class_feature_sums(features, labels, NUM_CLASSES, backend="triton")
         label = f"{B}x{C}x{H}x{W} K={NUM_CLASSES} labelled={valid:.2f}"
@@ -262,13 +275,15 @@ def _print_table(rows: list[dict], copy_gbps: float, device: str) -> None:
         print(f"diga-fast kernels on {device} (copy bandwidth {copy_gbps:.0f} GB/s)")
         for r in rows:
             print(f"{r['op']:24s} {r['shape']:40s} {r['dtype']:5s} {r['impl']:7s} {r['ms_p50']:9.4g} ms "
-                  f"{r['gbps']:8.3g} GB/s {r['pct_copy_bw']:6.3g}% copy {r['speedup_vs_torch']:6.2f}x torch")
+                  f"{r['gbps']:8.3g} GB/s {r['pct_copy_bw']:6.3g}% copy {r['speedup_vs_torch']:6.2f}x torch "
+                  f"{r['speedup_vs_compile']:6.2f}x compile")
         return
 
     table = Table(title=f"diga-fast kernels on {device} (copy bandwidth {copy_gbps:.0f} GB/s)")
     for name, justify in [("op", "left"), ("shape", "left"), ("dtype", "left"), ("impl", "left"),
                           ("ms p50 [p20, p80]", "right"), ("GB/s", "right"), ("% copy BW", "right"),
-                          ("extra MB", "right"), ("saved for bwd MB", "right"), ("vs torch", "right")]:
+                          ("extra MB", "right"), ("saved for bwd MB", "right"), ("vs torch", "right"),
+                          ("vs compile", "right")]:
         table.add_column(name, justify=justify)
     for r in rows:
         extra, saved = (("n/a" if r[k] == "n/a" else f"{r[k]:.3g}")
@@ -277,6 +292,7 @@ def _print_table(rows: list[dict], copy_gbps: float, device: str) -> None:
             r["op"], r["shape"], r["dtype"], r["impl"],
             f"{r['ms_p50']:.4g} [{r['ms_p20']:.4g}, {r['ms_p80']:.4g}]",
             f"{r['gbps']:.3g}", f"{r['pct_copy_bw']:.3g}%", extra, saved, f"{r['speedup_vs_torch']:.2f}x",
+            f"{r['speedup_vs_compile']:.2f}x",
         )
     console = Console()
     if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
@@ -332,10 +348,14 @@ def run(
     *,
     shapes: dict[str, list[tuple]] | None = None,
     budget_s: float | None = None,
+    impls: list[str] | None = None,
+    deadline: float | None = None,
     print_table: bool = True,
 ) -> list[dict]:
-    """Bench ``ops`` (default all) in ``dtypes`` (default fp32); returns the rows it appended to
-    ``csv_path`` (None: no CSV). ``shapes`` overrides the shape sweep per op (tests use tiny ones)."""
+    """Bench ``ops`` (default all) in ``dtypes`` (default fp32) with ``impls`` (default all that run
+    here); returns the rows, each appended to ``csv_path`` (None: no CSV) as soon as it is measured.
+    ``shapes`` overrides the shape sweep per op (tests use tiny ones). Past ``deadline`` (a
+    ``time.time()``), the cases left are skipped and named in a last line."""
     ops = list(ops or OPS)
     dtypes = list(dtypes or ["fp32"])
     for op in ops:
@@ -344,9 +364,10 @@ def run(
     for name in dtypes:
         if name not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    wanted = set(impls or IMPL_ORDER)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    with_triton = cuda
+    with_triton = cuda and "triton" in wanted
     if not cuda:
         print("No CUDA device: Triton needs a GPU, so only the PyTorch paths are timed.")
     budget = budget_s if budget_s is not None else (0.1 if cuda else (0.2 if quick else 1.0))
@@ -356,18 +377,22 @@ def run(
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     common = {"timestamp": stamp, "device": name, "torch": torch.__version__, "triton": _triton_version()}
 
-    rows = []
+    rows, skipped = [], []
     for op in ops:
         for shape in shape_table.get(op, []):
             for dtype_name in dtypes:
-                for label, nbytes, impls, forwards in _cases(op, tuple(shape), DTYPES[dtype_name], device,
-                                                             with_triton):
+                if deadline is not None and time.time() > deadline:
+                    skipped.append(f"{op} {'x'.join(map(str, shape))} {dtype_name}")
+                    continue
+                cases = _cases(op, tuple(shape), DTYPES[dtype_name], device, with_triton, "compile" in wanted)
+                for label, nbytes, case_impls, forwards in cases:
                     case_rows = []
-                    for impl, fn in sorted(impls.items(), key=lambda kv: IMPL_ORDER.index(kv[0])):
+                    for impl in sorted(set(case_impls) & wanted, key=IMPL_ORDER.index):
+                        fn = case_impls[impl]
                         p20, p50, p80 = _time_ms(fn, cuda, budget)
+                        gbps = nbytes / (p50 * 1e-3) / 1e9
                         extra = _extra_memory_mb(fn, cuda)
                         saved = _saved_for_backward_mb(forwards.get(impl), cuda)
-                        gbps = nbytes / (p50 * 1e-3) / 1e9
                         case_rows.append({
                             **common, "op": op, "shape": label, "dtype": dtype_name, "impl": impl,
                             "ms_p20": p20, "ms_p50": p50, "ms_p80": p80, "gbps": gbps,
@@ -375,21 +400,20 @@ def run(
                             "extra_mem_mb": "n/a" if extra is None else extra,
                             "saved_for_backward_mb": "n/a" if saved is None else saved,
                         })
-                    torch_ms = next((r["ms_p50"] for r in case_rows if r["impl"] == "torch"), None)
+                    ms = {r["impl"]: r["ms_p50"] for r in case_rows}
                     for r in case_rows:
-                        r["speedup_vs_torch"] = torch_ms / r["ms_p50"] if torch_ms else float("nan")
+                        r["speedup_vs_torch"] = ms["torch"] / r["ms_p50"] if "torch" in ms else float("nan")
+                        r["speedup_vs_compile"] = ms["compile"] / r["ms_p50"] if "compile" in ms else float("nan")
                     rows.extend(case_rows)
-    if csv_path is not None and rows:  # first: a failing table or plot never loses the rows
-        append_rows(rows, Path(csv_path), CSV_COLUMNS)
+                    if csv_path is not None and case_rows:  # at once: a killed run keeps every case before it
+                        append_rows(case_rows, Path(csv_path), CSV_COLUMNS)
+    if csv_path is not None and rows:
         print(f"{len(rows)} rows appended to {csv_path}")
+    if skipped:
+        print(f"skipped for time: {'; '.join(skipped)}")
     if print_table:
         _print_table(rows, copy_gbps, name)
     if plot_path is not None and rows:
         _plot(rows, Path(plot_path), copy_gbps, name)
     return rows
 
-
-if __name__ == "__main__":
-    import sys
-
-    run(quick="--quick" in sys.argv)

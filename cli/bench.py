@@ -8,8 +8,9 @@ import click
 
 from diga_fast.config import ARCHS
 
-# = diga_fast.benchmarks.kernels.OPS, spelled out so that `diga --help` does not import torch.
+# = diga_fast.benchmarks.kernels.OPS and IMPL_ORDER, spelled out so that `diga --help` does not import torch.
 KERNEL_OPS = ("assign_centroids", "consensus_cross_entropy", "crdomix_blend", "class_feature_sums")
+KERNEL_IMPLS = ("torch", "compile", "triton", "loop")
 # = diga_fast.benchmarks.infer.IMPLS, likewise.
 INFER_IMPLS = (
     "torch-eager-fp32", "torch-eager-bf16", "torch-compile-fp32", "ort-cpu-fp32", "ort-cpu-fp32-basic",
@@ -17,7 +18,8 @@ INFER_IMPLS = (
 )
 
 # = diga_fast.benchmarks.train.SETUPS, likewise.
-TRAIN_SETUPS = ("torch-fp32", "kernels-fp32", "kernels-bf16-cl", "torch-bf16-cl")
+TRAIN_SETUPS = ("torch-fp32", "compile-fp32", "kernels-fp32", "torch-bf16-cl", "compile-bf16-cl", "kernels-bf16-cl",
+                "kernels-bf16-cl-compile")
 
 
 def _csv_options(name: str, none_ok: bool = False):
@@ -65,12 +67,17 @@ def bench() -> None:
     "--dtype", "dtypes", multiple=True, type=click.Choice(["fp32", "fp16", "bf16"]),
     help="Input dtype (repeatable) [default: fp32].",
 )
-def kernels_command(quick: bool, csv_path: str, plot_path: str | None, ops: tuple[str, ...], dtypes: tuple[str, ...]) -> None:
-    """Fused Triton kernels vs eager PyTorch (and per-class loops): ms, GB/s, % of copy bandwidth."""
+@click.option("--impl", "impls", multiple=True, type=click.Choice(KERNEL_IMPLS),
+              help="Implementation (repeatable) [default: all that run here; triton needs a GPU].")
+def kernels_command(quick: bool, csv_path: str, plot_path: str | None, ops: tuple[str, ...], dtypes: tuple[str, ...],
+                    impls: tuple[str, ...]) -> None:
+    """Fused Triton kernels vs their PyTorch references, eager and torch.compile'd (and per-class
+    loops): ms, GB/s, % of copy bandwidth, speed-up over each reference."""
     from diga_fast.benchmarks import kernels
 
     try:
-        kernels.run(quick=quick, csv_path=csv_path, plot_path=plot_path, ops=list(ops) or None, dtypes=list(dtypes) or None)
+        kernels.run(quick=quick, csv_path=csv_path, plot_path=plot_path, ops=list(ops) or None, dtypes=list(dtypes) or None,
+                    impls=list(impls) or None)
     except OSError as err:  # an unwritable --csv / --plot path
         raise click.ClickException(f"cannot write {err.filename}: {err.strerror}") from None
 
@@ -117,14 +124,15 @@ def infer_command(models, checkpoint, sizes, batch, repeats, impls, csv_path, th
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed iterations per setup.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed iterations first.")
 @click.option("--setup", "setups", multiple=True, type=click.Choice(TRAIN_SETUPS),
-              help="Setup to time (repeatable) [default: torch-fp32, kernels-fp32 and kernels-bf16-cl on CUDA, torch-fp32 and torch-bf16-cl on CPU].")
+              help="Setup to time (repeatable) [default: all on CUDA; torch-fp32, compile-fp32 and torch-bf16-cl on CPU].")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @_csv_options("train")
 @click.argument("overrides", nargs=-1)
 def train_command(preset, steps, warmup, setups, device, csv_path, overrides) -> None:
     """One self-training iteration split into phases (data, EMA, teacher, labelling, mixing,
-    forward, centroids, backward) with peak memory, for the PyTorch fp32 reference, the Triton
-    kernels, and kernels + bf16 + channels_last. OVERRIDES: recipe key=value (e.g. data.batch_size=2)."""
+    forward, centroids, backward) with peak memory, for the ops' PyTorch references (eager and
+    torch.compile'd), the Triton kernels, each in fp32 and bf16 + channels_last, and the kernels with a
+    compiled student. OVERRIDES: recipe key=value (e.g. data.batch_size=2)."""
     from diga_fast.benchmarks import train
 
     try:

@@ -94,7 +94,10 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 500
     bf16: bool = False
-    kernels: bool = True  # the fused Triton ops on CUDA; false = their PyTorch references everywhere
+    # The four fused ops: "auto" = Triton on CUDA tensors, the PyTorch references elsewhere; "torch" = the
+    # references everywhere; "compile" = torch.compile of the references (the baseline the kernels are
+    # measured against). true/false (older config.yaml files) read as "auto"/"torch".
+    kernels: str = "auto"
     channels_last: bool = False  # student and teacher in channels_last memory format
     compile: bool = False  # torch.compile the student's training forward pass
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager", "eager" to debug)
@@ -439,6 +442,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise DigaError(f"{key}: unsupported field type {annotation!r}")  # pragma: no cover
 
 
+# Values of fields that changed type, as older run folders' config.yaml and older commands write them.
+LEGACY_VALUES = {"train.kernels": {True: "auto", False: "torch"}}
+
+
 def _update(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
@@ -452,6 +459,8 @@ def _update(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
                 raise DigaError(f"{path}: expected a mapping of its fields, got {value!r}")
             _update(current, value, prefix=f"{path}.")
         else:
+            if isinstance(value, bool) and path in LEGACY_VALUES:
+                value = LEGACY_VALUES[path][value]
             setattr(obj, key, _coerce(value, hints[key], path))
 
 
@@ -510,6 +519,7 @@ CHOICES = {
     ("train", "ce_normalizer"): ("valid", "all"),
     ("warmup", "teacher_mode"): ("eval", "train"),
     ("self_training", "forward"): ("pooled", "grouped"),
+    ("train", "kernels"): ("auto", "torch", "compile"),
 }
 
 

@@ -1,5 +1,6 @@
-"""Shared helpers for the kernels: backend resolution (the contract's ``backend=`` argument), launch
-sizes, and the one Triton helper every kernel uses to address a pixel of a [B, C, H, W] tensor of any
+"""Shared helpers for the kernels: backend resolution (the contract's ``backend=`` argument, and
+``"compile"``: ``torch.compile`` of the reference, the baseline a user would reach for instead of a
+hand-written kernel), launch sizes, and the one Triton helper every kernel uses to address a pixel of a [B, C, H, W] tensor of any
 strides (NCHW, channels_last, sliced views) without copying it."""
 
 import contextlib
@@ -9,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "torch", "compile")
 
 
 def interpreting() -> bool:
@@ -23,10 +24,11 @@ _default_backend: str | None = None
 @contextlib.contextmanager
 def default_backend(backend: str | None):
     """Within the block, ops called with ``backend=None`` use ``backend`` (None: the automatic choice).
-    How a training run switches every op to its PyTorch reference (``train.kernels=false``)."""
+    How a training run switches every op to its PyTorch reference (``train.kernels=torch``) or to
+    ``torch.compile`` of it (``train.kernels=compile``)."""
     global _default_backend
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: expected None, 'triton' or 'torch'")
+        raise ValueError(f"unknown backend {backend!r}: expected None, 'triton', 'torch' or 'compile'")
     previous, _default_backend = _default_backend, backend
     try:
         yield
@@ -42,13 +44,26 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     if backend is None:
         return "triton" if tensor.is_cuda else "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: expected None, 'triton' or 'torch'")
+        raise ValueError(f"unknown backend {backend!r}: expected None, 'triton', 'torch' or 'compile'")
     if backend == "triton" and not tensor.is_cuda and not interpreting():
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, set before the kernels are "
             f"imported, to run the Triton interpreter on CPU); got a tensor on {tensor.device}"
         )
     return backend
+
+
+_compiled: dict = {}
+
+
+def reference(fn, backend: str):
+    """The PyTorch reference ``fn`` for backend "torch", or ``torch.compile(fn)`` (made once per
+    function, Inductor's default mode) for "compile"."""
+    if backend == "torch":
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
 
 
 def pixels_contiguous(t: torch.Tensor) -> bool:

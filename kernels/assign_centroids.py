@@ -16,6 +16,10 @@ and a flag for rows that repeat an earlier row exactly; flagged rows are left ou
 exact ties go to the lowest index whatever order the matrix unit sums in (the interpreter's numpy
 matmul does not sum identical rows identically).
 
+The prepared rows are kept for the next call with the same centroids tensor, unchanged
+(``_prepared``: the tensor itself, weakly referenced, and its version counter, which every in-place
+update such as the online EMA bumps), so they are made once per centroid update, not on every call.
+
 ``_assign_centroids_kernel``: one program per (block of BLOCK_P pixels, image). It loops over the
 channels in BLOCK_C steps, loading a [BLOCK_C, BLOCK_P] feature tile (pixel dimension contiguous in
 NCHW, 16-byte cp.async copies through a 2- to 4-stage pipeline; any strides work, e.g. channels_last) and a
@@ -32,13 +36,17 @@ is F.normalize's definition. L2: argmin ‖c‖² − 2 f·c, score = sqrt(max(�
 ``tl.max/min(..., return_indices=True)`` breaks ties to the left, as torch.max/min do.
 
 Block sizes, stages and NORM_LOAD are autotuned on a GPU (``_configs``; one config under the
-interpreter). NORM_LOAD takes the norms from a second, plain load of the tile (an L2 hit): the dot
+interpreter), among the configs whose grid gives every SM two programs or more (``_prune_configs``:
+DeepLab's 2×65×129 feature maps are 132 programs of 128 pixels, one per SM of an H100/H200, but 526 of
+32). NORM_LOAD takes the norms from a second, plain load of the tile (an L2 hit): the dot
 is then the only user of the pipelined shared-memory copy, which gets the MMA's swizzled layout; a
 tile with a second user is left unswizzled by Triton's pipeliner (4-way bank conflicts on the tf32
 operand loads). Each config keeps two or more programs per SM without spills at the bench shapes
 (``diga bench compile``). At odd H·W (DeepLab's 65×129) a channel row starts at an odd element, so
 copies are 4-byte ``cp.async``: the layout allows nothing wider without a copy of the features.
 """
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +59,7 @@ from ._common import (
     interpreting,
     pixel_offsets,
     pixels_contiguous,
+    reference,
     resolve_backend,
     round_to_tf32,
 )
@@ -123,15 +132,27 @@ def _configs():
     is read once and its shared copy is left unswizzled."""
     if interpreting():
         return [triton.Config({"BLOCK_P": 256, "BLOCK_C": 16, "NORM_LOAD": True}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_P": p, "BLOCK_C": 16, "NORM_LOAD": n}, num_warps=4, num_stages=s)
-            for p, s, n in ((128, 4, True), (64, 2, True), (128, 4, False), (64, 4, False))]
+    return [triton.Config({"BLOCK_P": p, "BLOCK_C": c, "NORM_LOAD": n}, num_warps=4, num_stages=s)
+            for p, c, s, n in ((128, 16, 4, True), (128, 16, 4, False), (64, 16, 2, True), (64, 16, 4, False),
+                               (32, 16, 4, True), (32, 32, 3, True), (32, 32, 3, False))]
 
 
-@triton.autotune(configs=_configs(), key=["C", "K", "HW"])
+def _prune_configs(configs, named_args, **kwargs):
+    """The configs whose grid gives every SM two programs or more; where none does (tiny inputs), those
+    of the smallest BLOCK_P."""
+    features = named_args["feat_ptr"]
+    n_sm = torch.cuda.get_device_properties(features.device).multi_processor_count
+    programs = lambda c: triton.cdiv(named_args["HW"], c.kwargs["BLOCK_P"]) * named_args["B"]  # noqa: E731
+    kept = [c for c in configs if programs(c) >= 2 * n_sm]
+    smallest = min(c.kwargs["BLOCK_P"] for c in configs)
+    return kept or [c for c in configs if c.kwargs["BLOCK_P"] == smallest]
+
+
+@triton.autotune(configs=_configs(), key=["B", "C", "K", "HW"], prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _assign_centroids_kernel(
     feat_ptr, cent_ptr, cent_sq_ptr, duplicate_ptr, labels_ptr, score_ptr,
-    C, K, HW, W,
+    B, C, K, HW, W,
     stride_fb, stride_fc, stride_fh, stride_fw,
     METRIC_L2: tl.constexpr, PIXELS_CONTIGUOUS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_CENTROIDS: tl.constexpr, EPS: tl.constexpr,
@@ -186,6 +207,32 @@ def _assign_centroids_kernel(
     tl.store(score_ptr + out, score.to(tl.float32), mask=mask_p)
 
 
+_prepared: dict[tuple, tuple] = {}  # (metric, split, dtype, device) -> (weakref, version, prepared rows)
+
+
+def prepare_centroids(centroids: torch.Tensor, metric: str, split: bool, acc_dtype: torch.dtype,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows [1 or 2, K, C], squared norms [K], duplicate flags [K]) for the main kernel, made by the
+    prepare kernel, or the ones made last time for this very tensor at this version."""
+    key = (metric, split, acc_dtype, torch.device(device))
+    cached = _prepared.get(key)
+    if cached is not None and cached[0]() is centroids and cached[1] == centroids._version:
+        return cached[2]
+    K, C = centroids.shape
+    source = centroids.to(device)
+    rows = torch.empty((2 if split else 1, K, C), dtype=acc_dtype, device=device)
+    squared = torch.empty(K, dtype=acc_dtype, device=device)
+    duplicate = torch.empty(K, dtype=torch.int32, device=device)
+    _prepare_centroids_kernel[(K,)](
+        source, rows, squared, duplicate, C, *source.stride(),
+        NORMALIZE=metric == "cosine", SPLIT=split, EPS=NORMALIZE_EPS,
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        K_PAD=max(16, triton.next_power_of_2(K)), BLOCK_C=64,
+    )
+    _prepared[key] = (weakref.ref(centroids), centroids._version, (rows, squared, duplicate))
+    return rows, squared, duplicate
+
+
 def assign_centroids_ref(
     features: torch.Tensor, centroids: torch.Tensor, metric: str = "cosine", upcast: bool = True
 ):
@@ -226,8 +273,8 @@ def assign_centroids(
     """labels int64 [B, H, W] of the most similar (cosine) / nearest (l2) centroid, ties to the lowest
     index, and score float32 [B, H, W]: that cosine similarity or that Euclidean distance."""
     _check(features, centroids, metric)
-    if resolve_backend(backend, features) == "torch":
-        return assign_centroids_ref(features, centroids, metric)
+    if (resolved := resolve_backend(backend, features)) != "triton":
+        return reference(assign_centroids_ref, resolved)(features, centroids, metric)
 
     B, C, H, W = features.shape
     K = centroids.shape[0]
@@ -236,16 +283,8 @@ def assign_centroids(
     acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     ACC_DTYPE = tl.float64 if acc_dtype == torch.float64 else tl.float32
     K_PAD = max(16, triton.next_power_of_2(K))
-    centroids = centroids.to(features.device)
     split = features.dtype in (torch.float16, torch.bfloat16)
-    cent = torch.empty((2 if split else 1, K, C), dtype=acc_dtype, device=features.device)
-    cent_sq = torch.empty(K, dtype=acc_dtype, device=features.device)
-    duplicate = torch.empty(K, dtype=torch.int32, device=features.device)
-    _prepare_centroids_kernel[(K,)](
-        centroids, cent, cent_sq, duplicate, C, *centroids.stride(),
-        NORMALIZE=metric == "cosine", SPLIT=split, EPS=NORMALIZE_EPS, ACC_DTYPE=ACC_DTYPE, K_PAD=K_PAD,
-        BLOCK_C=64,
-    )
+    cent, cent_sq, duplicate = prepare_centroids(centroids, metric, split, acc_dtype, features.device)
     labels = torch.empty((B, H, W), dtype=torch.int64, device=features.device)
     score = torch.empty((B, H, W), dtype=torch.float32, device=features.device)
     if B * H * W == 0:
@@ -254,7 +293,7 @@ def assign_centroids(
     grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), B)
     _assign_centroids_kernel[grid](
         features, cent, cent_sq, duplicate, labels, score,
-        C, K, H * W, W,
+        B, C, K, H * W, W,
         *features.stride(),
         METRIC_L2=metric == "l2",
         PIXELS_CONTIGUOUS=pixels_contiguous(features),

@@ -6,8 +6,10 @@ Byte-traffic model (``traffic_bytes``; s = bytes per feature element, s_l per la
     read   v·B·C·H·W·s      features of pixels with a label in [0, K) (the others are never loaded)
          + B·H·W·s_l        labels (re-read once per channel block, from L2)
     write  B·K·C·4 + B·K·8  sums (fp32) and counts (int64)
-with v the fraction of labelled pixels. The per-span partials add S·B·K·C·4 written and read once
-more (S spans per image, ``span_count``): a few per cent of the feature bytes at the bench shapes.
+    and    2·S·B·K·(C+1)·4  the per-span partial sums and counts, written by one kernel and read by
+                            the next (S spans per image, ``span_count``)
+with v the fraction of labelled pixels. Each way, the partials are 7.5 % of the feature bytes at
+2×256×65×129 fp32 (S = 33 spans of 256 pixels) and 1.8 % at 2×2048×65×129 (S = 8).
 The eager version materialises a one-hot [B, H·W, K] in the feature dtype and contracts it with the
 features (an einsum), or loops over classes with a mask multiply per class (the official code): K
 passes over the features.
@@ -21,12 +23,14 @@ sums fp32). fp32 features are split into hi + lo, both rounded to tf32 (``round_
 in as two tf32 products: that is tf32x3's sum (its third product, the one-hot's low part, is zero),
 at fp32-level accuracy, with a third fewer MMAs and far fewer registers than ``tf32x3``. Pixel
 counts accumulate element-wise in a [K_PAD, BLOCK_P] int32 tile, reduced once at the end. Each
-program writes its span's partial sums (and, channel block 0, counts) to a scratch buffer;
-``_class_feature_sums_reduce_kernel`` adds the spans of each (image, channel block) in span order.
+program writes its span's partial sums (and, channel block 0, counts) to a scratch buffer.
+``_class_feature_sums_reduce_kernel``, one program per (class, block of REDUCE_BLOCK_C channels,
+image), adds that row of every span: REDUCE_SPANS spans per load, so that many loads are in flight at
+once, then the partial row sums in span-block order.
 
 Deterministic: no atomics, and the summation order depends only on the shape (the span length is a
-function of B, C, H, W, never of the GPU's SM count, BLOCK_C, warps or stages), so two runs, two
-cards or two launch configurations give the same bits. fp64 features accumulate in fp64.
+function of B, C, H, W, never of the GPU's SM count, BLOCK_C, warps or stages; the reduce kernel has
+one fixed configuration), so two runs, two cards or two launch configurations give the same bits. fp64 features accumulate in fp64.
 The feature loads are masked by the labels, so unlabelled pixels cost no feature bytes (and NaN
 features there cannot leak into the sums). Labels are range-checked in their own dtype before any
 narrowing (an int64 label 2**32 + 3 is out of range, not class 3); offsets are int64.
@@ -47,16 +51,21 @@ from ._common import (
     interpreting,
     pixel_offsets,
     pixels_contiguous,
+    reference,
     resolve_backend,
     round_to_tf32,
 )
 
 BLOCK_P = 32  # pixels per tile: part of the summation order, so fixed (not tuned)
-# Spans are sized for about this many (span, 64-channel block, image) programs: a constant, not the
-# SM count, so that the result does not depend on the card. The interpreter wants few programs.
-TARGET_PROGRAMS = 1024
+# Spans are sized for about this many (span, 64-channel block, image) programs, two per SM of a
+# 132-SM card with 32-channel blocks: a constant, not the SM count, so that the result does not depend
+# on the card. At least MIN_SPAN_TILES tiles (256 pixels) per span keep the partials small at DeepLab's
+# 65×129. The interpreter wants few programs.
+TARGET_PROGRAMS = 512
 INTERPRETER_TARGET_PROGRAMS = 4
-MIN_SPAN_TILES = 4
+MIN_SPAN_TILES = 8
+REDUCE_SPANS = 8  # spans the reduce kernel loads at once (loads in flight)
+REDUCE_BLOCK_C = 128
 
 
 def span_count(B: int, C: int, H: int, W: int) -> tuple[int, int]:
@@ -72,8 +81,11 @@ def traffic_bytes(
     B: int, C: int, H: int, W: int, K: int, feature_bytes: int = 4, label_bytes: int = 8,
     valid_fraction: float = 1.0,
 ) -> int:
-    """Bytes read + written by one call (see the module docstring; without the span partials)."""
-    return int(valid_fraction * B * C * H * W * feature_bytes + B * H * W * label_bytes + B * K * (C * 4 + 8))
+    """Bytes read + written by one call, the span partials included (see the module docstring)."""
+    spans = span_count(B, C, H, W)[1]
+    partials = 2 * spans * B * K * (C + 1) * 4
+    return int(valid_fraction * B * C * H * W * feature_bytes + B * H * W * label_bytes + B * K * (C * 4 + 8)
+               + partials)
 
 
 def _configs():
@@ -144,37 +156,42 @@ def _class_feature_sums_partial_kernel(
 @triton.jit
 def _class_feature_sums_reduce_kernel(
     part_sums_ptr, part_counts_ptr, sums_ptr, counts_ptr, C, K, n_spans,
-    ACC_DTYPE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, SPANS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Sum the spans of one (image, channel block) in span order: a fixed order, no atomics."""
-    pid_c = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_k = tl.arange(0, K_PAD)
+    """Row k of image b, channels of this block: the spans' partial rows added SPANS at a time (that
+    many loads in flight), then the block sums in span-block order. A fixed order, no atomics."""
+    k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_s = tl.arange(0, SPANS)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_k = offs_k < K
-    mask = mask_k[:, None] & (offs_c < C)[None, :]
-    tile = (offs_k[:, None] * C + offs_c[None, :]).to(tl.int64)
-    acc = tl.zeros([K_PAD, BLOCK_C], dtype=ACC_DTYPE)
-    for s in range(n_spans):
-        acc += tl.load(part_sums_ptr + (b * n_spans + s) * K * C + tile, mask=mask, other=0.0)
-    tl.store(sums_ptr + b * K * C + tile, acc, mask=mask)
-    if pid_c == 0:
-        count = tl.zeros([K_PAD], dtype=tl.int64)
-        for s in range(n_spans):
-            count += tl.load(part_counts_ptr + (b * n_spans + s) * K + offs_k, mask=mask_k, other=0)
-        tl.store(counts_ptr + b * K + offs_k, count, mask=mask_k)
+    mask_c = offs_c < C
+    rows = (b * n_spans + offs_s.to(tl.int64)) * K + k  # partial row (image b, span s, class k)
+    acc = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+    count = tl.zeros([SPANS], dtype=tl.int64)
+    for s0 in range(0, n_spans, SPANS):
+        mask_s = s0 + offs_s < n_spans
+        tile = tl.load(part_sums_ptr + (rows + s0 * K)[:, None] * C + offs_c[None, :],
+                       mask=mask_s[:, None] & mask_c[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
+        count += tl.load(part_counts_ptr + rows + s0 * K, mask=mask_s & (pid_c == 0), other=0)
+    tl.store(sums_ptr + (b * K + k) * C + offs_c, acc, mask=mask_c)
+    tl.store(counts_ptr + b * K + k, tl.sum(count, axis=0), mask=pid_c == 0)
 
 
 def class_feature_sums_ref(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
+    upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch: one-hot of the labels contracted with the features."""
+    """Plain PyTorch: one-hot of the labels contracted with the features, in fp32 (``upcast=False``
+    contracts fp16/bf16 features in their own dtype, as a user's einsum would; the sums are float32)."""
     acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    dot_dtype = acc_dtype if upcast or features.dtype == torch.float64 else features.dtype
     lab = labels.long().flatten(1)  # [B, H*W]
     valid = (lab >= 0) & (lab < num_classes) & (lab != ignore_index)
     onehot = F.one_hot(torch.where(valid, lab, 0), num_classes) * valid[..., None]  # [B, H*W, K]
-    sums = torch.einsum("bpk,bcp->bkc", onehot.to(acc_dtype), features.flatten(2).to(acc_dtype))
-    return sums, onehot.sum(dim=1)
+    sums = torch.einsum("bpk,bcp->bkc", onehot.to(dot_dtype), features.flatten(2).to(dot_dtype))
+    return sums.to(acc_dtype), onehot.sum(dim=1)
 
 
 def _class_feature_sums_triton(
@@ -222,9 +239,9 @@ def _class_feature_sums_triton(
     )
     sums = torch.empty((B, K, C), dtype=acc_dtype, device=device)
     counts = torch.empty((B, K), dtype=torch.int64, device=device)
-    _class_feature_sums_reduce_kernel[(triton.cdiv(C, 64), B)](
+    _class_feature_sums_reduce_kernel[(K, triton.cdiv(C, REDUCE_BLOCK_C), B)](
         part_sums, part_counts, sums, counts, C, K, n_spans,
-        ACC_DTYPE=ACC_DTYPE, K_PAD=k_pad, BLOCK_C=64, num_warps=4,
+        ACC_DTYPE=ACC_DTYPE, SPANS=REDUCE_SPANS, BLOCK_C=REDUCE_BLOCK_C, num_warps=4,
     )
     return sums, counts
 
@@ -242,8 +259,8 @@ def class_feature_sums(
         )
     if not features.is_floating_point() or labels.is_floating_point():
         raise ValueError("features must be floating point and labels integer")
-    if resolve_backend(backend, features) == "torch":
-        return class_feature_sums_ref(features, labels, num_classes, ignore_index)
+    if (resolved := resolve_backend(backend, features)) != "triton":
+        return reference(class_feature_sums_ref, resolved)(features, labels, num_classes, ignore_index)
     check_k(num_classes)
     B, C, H, W = features.shape
     check_pixels(H, W)

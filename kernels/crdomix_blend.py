@@ -30,6 +30,7 @@ from ._common import (
     interpreting,
     pixel_offsets,
     pixels_contiguous,
+    reference,
     resolve_backend,
 )
 
@@ -110,8 +111,8 @@ def crdomix_blend(
         )
     if labels.is_floating_point():
         raise ValueError("labels must be an integer tensor")
-    if resolve_backend(backend, source) == "torch":
-        return crdomix_blend_ref(source, translated, labels, selected)
+    if (resolved := resolve_backend(backend, source)) != "triton":
+        return reference(crdomix_blend_ref, resolved)(source, translated, labels, selected)
 
     B, C, H, W = source.shape
     check_pixels(H, W)

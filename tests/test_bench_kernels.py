@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 from click.testing import CliRunner
 
 from diga_fast.benchmarks import kernels
@@ -18,7 +19,7 @@ TINY = {
 def test_run_appends_rows(tmp_path):
     out = tmp_path / "results" / "kernels.csv"
     rows = kernels.run(quick=True, csv_path=out, plot_path=None, ops=None, dtypes=["fp32", "bf16"],
-                       shapes=TINY, budget_s=0.0, print_table=False)
+                       shapes=TINY, budget_s=0.0, impls=["torch", "loop"], print_table=False)
     assert {r["op"] for r in rows} == set(kernels.OPS) == set(KERNEL_OPS)
     assert {r["dtype"] for r in rows} == {"fp32", "bf16"}
     with out.open() as f:
@@ -33,7 +34,7 @@ def test_run_appends_rows(tmp_path):
     # A second run appends below the same header and draws the plot (matplotlib is in the test extra).
     plot = tmp_path / "kernels.png"
     more = kernels.run(quick=True, csv_path=out, plot_path=plot, ops=["crdomix_blend"], shapes=TINY,
-                       budget_s=0.0, print_table=False)
+                       budget_s=0.0, impls=["torch", "loop"], print_table=False)
     with out.open() as f:
         assert len(list(csv.DictReader(f))) == len(rows) + len(more)
     assert plot.stat().st_size > 0
@@ -46,32 +47,36 @@ def test_cli_kernels(tmp_path, monkeypatch):
                                         "--op", "crdomix_blend", "--dtype", "bf16"])
     assert result.exit_code == 0, result.output
     assert calls == [{"quick": True, "csv_path": str(tmp_path / "k.csv"), "plot_path": None,
-                      "ops": ["crdomix_blend"], "dtypes": ["bf16"]}]
+                      "ops": ["crdomix_blend"], "dtypes": ["bf16"], "impls": None}]
     assert CliRunner().invoke(bench, ["kernels", "--dtype", "fp8"]).exit_code != 0
 
 
-def test_gpu_check_dry_run(tmp_path):
-    """benchmarks/gpu_check.py plans every stage on a CPU: imports, prerequisites, parity and the bench at
-    toy sizes (parity through the interpreter); run as on a GPU machine, from the source tree."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+@pytest.mark.slow
+def test_compiled_reference_rows_beside_the_eager_ones(tmp_path):
+    """Each case times torch.compile of the reference too; both speed-ups are in every row, and a case's
+    rows are in the CSV the moment the case is measured."""
+    out = tmp_path / "kernels.csv"
+    written = []
+    real = kernels.append_rows
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(repo)
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path / "out"), "--dtype", "fp32"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=280,
-    )
-    log = (tmp_path / "out" / "gpu_check.log").read_text()
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    for stage in ("kernels", "parity", "bench", "train", "daformer"):
-        assert f"--- {stage}: " in log
-    assert "--- parity: ok" in log and "--- bench: ok" in log
-    assert "MISMATCH" not in log
-    assert (tmp_path / "out" / "kernels.csv").stat().st_size > 0
+    def append_and_count(rows, path, columns):
+        written.append(len(rows))
+        real(rows, path, columns)
+
+    kernels.append_rows, saved = append_and_count, kernels.append_rows
+    try:
+        rows = kernels.run(csv_path=out, ops=["crdomix_blend"], dtypes=["bf16"], shapes=TINY, budget_s=0.0,
+                           impls=["torch", "compile"], print_table=False)
+    finally:
+        kernels.append_rows = saved
+    assert [r["impl"] for r in rows] == ["torch", "compile"] * 2  # int64 and uint8 labels
+    assert written == [2, 2]
+    for r in rows:
+        assert r["speedup_vs_torch"] > 0 and r["speedup_vs_compile"] > 0
+    assert all(r["speedup_vs_compile"] == 1.0 for r in rows if r["impl"] == "compile")
+    past = kernels.run(csv_path=None, ops=["crdomix_blend"], shapes=TINY, budget_s=0.0, impls=["torch"],
+                       deadline=0.0, print_table=False)
+    assert past == []
 
 
 def _fake_runs(monkeypatch):

@@ -11,7 +11,8 @@ import triton.language as tl
 
 from diga_fast.kernels import assign_centroids, assign_centroids_ref
 
-from kernel_helpers import DEVICE, huge_fp16_buffer
+from kernel_helpers import DEVICE, every_config, huge_fp16_buffer, sizes
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -192,3 +193,92 @@ def test_centroids_split_for_16_bit_features(metric):
     assert (out.view(torch.int32) & 0x1FFF == 0).all()
     assert ((out[0].double() + out[1].double() - rows).abs() <= rows.abs() * 2.0**-21).all()
     torch.testing.assert_close(sq.double(), (rows * rows).sum(dim=1), rtol=1e-5, atol=0)
+
+
+def test_centroids_are_prepared_once_per_update(monkeypatch):
+    """The prepared rows are reused while the centroids tensor is unchanged; an in-place update (the
+    online EMA) or another tensor with the same values prepares them again."""
+    module = importlib.import_module("diga_fast.kernels.assign_centroids")
+    launches = []
+    real = module._prepare_centroids_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(module, "_prepare_centroids_kernel", Counting())
+    monkeypatch.setattr(module, "_prepared", {})
+    torch.manual_seed(13)
+    features = torch.randn(2, 37, 5, 7, device=DEVICE)
+    centroids = torch.randn(19, 37, device=DEVICE)
+    first, _ = assign_centroids(features, centroids, backend="triton")
+    again, _ = assign_centroids(features + 0.0, centroids, backend="triton")
+    assert len(launches) == 1 and torch.equal(first, again)
+    centroids.mul_(-1.0)  # as update_centroids does: in place
+    flipped, _ = assign_centroids(features, centroids, backend="triton")
+    assert len(launches) == 2
+    assert torch.equal(flipped, exact_similarity(features, centroids, "cosine").argmax(dim=1))
+    assign_centroids(features, centroids.clone(), backend="triton")
+    assign_centroids(features, centroids, "l2", backend="triton")
+    assign_centroids(features.half(), centroids, backend="triton")  # 16-bit features: the hi + lo rows
+    assert len(launches) == 5
+
+
+def test_configs_fill_every_sm_at_the_training_shapes(monkeypatch):
+    """On an H100/H200 (132 SMs) the configs left for DeepLab's 2x65x129 feature maps launch two or more
+    programs per SM; full-resolution maps keep every config."""
+    module = importlib.import_module("diga_fast.kernels.assign_centroids")
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
+    configs = module._configs()
+    for (B, H, W), all_kept in [((2, 65, 129), False), ((2, 512, 1024), True), ((1, 4, 4), False)]:
+        named = {"feat_ptr": torch.empty(B, 1, H, W, device="meta"), "B": B, "HW": H * W}
+        kept = module._prune_configs(configs, named)
+        assert kept and (kept == configs) == all_kept
+        programs = [triton.cdiv(H * W, c.kwargs["BLOCK_P"]) * B for c in kept]
+        assert all(p >= 2 * 132 for p in programs) or {c.kwargs["BLOCK_P"] for c in kept} == {32}
+
+
+ASSIGN = importlib.import_module("diga_fast.kernels.assign_centroids")
+NAMED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# DeepLabV2's feature maps of 512x1024 inputs (ASPP input and output) and a full-resolution map
+ASSIGN_SHAPES = sizes([(2, 37, 13, 17)], [(2, 256, 65, 129), (2, 2048, 65, 129), (1, 256, 512, 1024)])
+
+
+def _tuned_for(config, shape, dtype, metric):
+    """Whether the autotuner would consider ``config`` for this shape (its grid fills the SMs)."""
+    kernel = ASSIGN._assign_centroids_kernel
+    if len(kernel.configs) == 1:
+        return True
+    B, C, H, W = map(int, shape.split("x"))
+    named = {"feat_ptr": torch.empty(1, device=DEVICE), "B": B, "HW": H * W}
+    return config in ASSIGN._prune_configs(kernel.configs, named)
+
+
+@pytest.mark.parametrize("config,shape,dtype,metric", every_config(
+    ASSIGN._assign_centroids_kernel,
+    [("x".join(map(str, s)), d, m) for s in ASSIGN_SHAPES for d in NAMED_DTYPES for m in ("cosine", "l2")],
+    keep=_tuned_for))
+def test_every_config(config, shape, dtype, metric, monkeypatch):
+    """Each autotune config the kernel may pick, forced, against float64 (at the training shapes on a GPU
+    with DIGA_KERNEL_TESTS=full): the FlashAttention-style bound on the score, and a chosen centroid as
+    good as the best up to that bound."""
+    monkeypatch.setattr(ASSIGN._assign_centroids_kernel, "configs", [config])
+    B, C, H, W = map(int, shape.split("x"))
+    torch.manual_seed(14)
+    features = torch.randn(B, C, H, W, device=DEVICE).to(NAMED_DTYPES[dtype])
+    centroids = torch.randn(19, C, device=DEVICE)
+    labels, score = assign_centroids(features, centroids, metric, backend="triton")
+    f, c = features.double(), centroids.double()
+    if metric == "cosine":
+        sim = torch.einsum("bchw,kc->bkhw", F.normalize(f, dim=1), F.normalize(c, dim=1))
+    else:
+        sq = (f * f).sum(dim=1, keepdim=True) - 2 * torch.einsum("bchw,kc->bkhw", f, c) + (c * c).sum(dim=1)[None, :, None, None]
+        sim = -sq.clamp_min(0).sqrt()
+    expected = exact_score(sim, metric)
+    _, lowp_score = assign_centroids_ref(features, centroids.to(features.dtype), metric, upcast=False)
+    tol = 2 * (lowp_score.double() - expected).abs().max().item() + ATOL[NAMED_DTYPES[dtype]] * max(
+        1.0, expected.abs().max().item())
+    assert (score.double() - expected).abs().max().item() <= tol
+    assert (sim.max(dim=1).values - sim.gather(1, labels[:, None])[:, 0]).max().item() <= tol

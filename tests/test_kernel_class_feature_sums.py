@@ -1,6 +1,8 @@
 """class_feature_sums: against a float64 per-image, per-class masked-sum loop (the official code's
 formulation), including labels outside [0, K), the ignore index and empty classes."""
 
+import importlib
+
 import pytest
 import torch
 import triton
@@ -9,7 +11,8 @@ import triton.language as tl
 from diga_fast.kernels import class_feature_sums, class_feature_sums_ref
 from diga_fast.kernels._common import round_to_tf32
 
-from kernel_helpers import DEVICE, huge_fp16_buffer
+from kernel_helpers import DEVICE, every_config, huge_fp16_buffer, sizes
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -196,3 +199,25 @@ def test_fp32_split_into_two_tf32_parts_is_exact_enough():
     assert hi[2].item() == 1.0 + 2**-10 and hi[3].item() == 1.0 + 2**-10  # ties away from zero
     assert ((x - hi).abs() <= x.abs() * 2.0**-11).all()
     assert ((x.double() - hi.double() - lo.double()).abs() <= x.abs().double() * 2.0**-22).all()
+
+
+SUMS = importlib.import_module("diga_fast.kernels.class_feature_sums")
+NAMED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SUMS_SHAPES = sizes([(2, 37, 13, 17)], [(2, 256, 65, 129), (2, 2048, 65, 129)])  # DeepLabV2's feature maps
+
+
+@pytest.mark.parametrize("config,shape,dtype", every_config(
+    SUMS._class_feature_sums_partial_kernel, [("x".join(map(str, s)), d) for s in SUMS_SHAPES for d in NAMED_DTYPES]))
+def test_every_config(config, shape, dtype, monkeypatch):
+    """Each autotune config, forced: counts exact, sums within twice PyTorch's fp32 error of float64."""
+    monkeypatch.setattr(SUMS._class_feature_sums_partial_kernel, "configs", [config])
+    B, C, H, W = map(int, shape.split("x"))
+    torch.manual_seed(17)
+    features = torch.randn(B, C, H, W, device=DEVICE).to(NAMED_DTYPES[dtype])
+    labels = make_labels(B, H, W, 19, seed=17)
+    sums, counts = class_feature_sums(features, labels, 19, backend="triton")
+    ref_sums, ref_counts = class_feature_sums_ref(features.double(), labels, 19)
+    assert torch.equal(counts, ref_counts)
+    torch_err = (class_feature_sums_ref(features, labels, 19)[0].double() - ref_sums).abs().max().item()
+    tol = 2 * torch_err + 1e-5 * max(1.0, ref_sums.abs().max().item())
+    assert (sums.double() - ref_sums).abs().max().item() <= tol

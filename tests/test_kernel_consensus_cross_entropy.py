@@ -1,12 +1,15 @@
 """consensus_cross_entropy: forward and hand-written backward against an independent float64
 log-softmax/gather computation differentiated by autograd."""
 
+import importlib
+
 import pytest
 import torch
 
 from diga_fast.kernels import consensus_cross_entropy, consensus_cross_entropy_ref
 
-from kernel_helpers import DEVICE, huge_fp16_buffer
+from kernel_helpers import DEVICE, every_config, huge_fp16_buffer, sizes
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
@@ -56,6 +59,8 @@ def test_matches_exact(B, K, H, W, label_dtype, dtype, backend):
     loss_tol = 2 * (lowp_loss.double() - ref_loss).abs().item() + ATOL[dtype] * ref_loss.abs().item()
     assert (loss.double() - ref_loss).abs().item() <= loss_tol
     grad_tol = 2 * (lowp_grad.double() - ref_grad).abs().max().item() + ATOL[dtype] * ref_grad.abs().max().item()
+    if dtype != torch.float32:  # the forward rounds the gradient to the logits' dtype, the scale by 1.7 again
+        grad_tol += torch.finfo(dtype).eps * ref_grad.abs().max().item()
     assert (grad.double() - ref_grad).abs().max().item() <= grad_tol
 
 
@@ -182,31 +187,37 @@ def test_class_offsets_beyond_2_31():
     assert abs(loss.item() - expected.item()) < 1e-3, loss.item()
 
 
-def test_forward_saves_log_sum_exp_and_targets_only():
-    """The forward keeps a per-pixel log-sum-exp and target (int8, -1 where not valid) for the backward,
-    which then reads neither label map again: changing them after the forward changes nothing."""
+def test_forward_writes_the_gradient_and_the_backward_scales_it_in_place():
+    """The forward writes the target (int8, -1 where not valid), the count and the gradient of the mean;
+    the backward hands that very buffer back (scaled in place only where grad_output is not 1) and reads
+    neither label map: changing them after the forward changes nothing."""
     from diga_fast.kernels.consensus_cross_entropy import _consensus_ce_forward
 
     torch.manual_seed(6)
     B, K, H, W = 2, 19, 7, 11
     logits = 4 * torch.randn(B, K, H, W, device=DEVICE)
     prob, feat = make_labels(B, K, H, W, seed=6)
-    _, n_valid, lse, target = _consensus_ce_forward(logits, prob, feat, 255)
+    loss, n_valid, target, grad = _consensus_ce_forward(logits, prob, feat, 255)
     valid = (prob == feat) & (prob != 255)
-    assert lse.shape == target.shape == (B, H, W) and lse.dtype == torch.float32 and target.dtype == torch.int8
+    assert target.dtype == torch.int8 and torch.equal(target.long(), torch.where(valid, prob, -1))
     assert n_valid.item() == valid.sum().item()
-    assert torch.equal(target.long(), torch.where(valid, prob, -1))
-    torch.testing.assert_close(lse[valid].double(), torch.logsumexp(logits.double(), dim=1)[valid], rtol=1e-6, atol=1e-6)
+    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, feat)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
 
     x = logits.clone().requires_grad_(True)
     out = consensus_cross_entropy(x, prob, feat, backend="triton")
-    saved = out.grad_fn.saved_tensors
-    assert [tuple(t.shape) for t in saved] == [(B, K, H, W), (B, H, W), (B, H, W), ()]
-    assert [t.dtype for t in saved[1:3]] == [torch.float32, torch.int8]
-    prob.fill_(255)  # the label maps are not saved: the gradient below is that of the original labels
-    (grad,) = torch.autograd.grad(out, x)
-    _, ref_grad = loss_and_grad(exact_loss, logits.double(), *make_labels(B, K, H, W, seed=6))
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    written = out.grad_fn.grad.data_ptr()
+    prob.fill_(255)  # the label maps are not kept: the gradients below are those of the original labels
+    (first,) = torch.autograd.grad(out, x, retain_graph=True)
+    assert first.data_ptr() == written  # no allocation in the backward
+    torch.testing.assert_close(first.double(), ref_grad, rtol=1e-5, atol=1e-7)
+    (second,) = torch.autograd.grad(out * 0.25, x)  # a second backward rescales the same buffer
+    torch.testing.assert_close(second.double(), 0.25 * ref_grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # nothing to differentiate: no gradient is written
+        assert consensus_cross_entropy(x, *make_labels(B, K, H, W, seed=6), backend="triton").grad_fn is None
+    frozen = consensus_cross_entropy(logits, *make_labels(B, K, H, W, seed=6), backend="triton")
+    torch.testing.assert_close(frozen.double(), ref_loss, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -257,3 +268,40 @@ def test_gradcheck_float64_several_programs():
         lambda x: consensus_cross_entropy(x, prob, feat, backend="triton"), (logits,), eps=1e-6, atol=1e-7,
         fast_mode=True,
     )
+
+
+CE = importlib.import_module("diga_fast.kernels.consensus_cross_entropy")
+NAMED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# logits at label resolution: GTA5 crops of the paper preset (512x1024 eval, 512x896 training)
+CE_SHAPES = sizes([(2, 19, 13, 17)], [(2, 19, 512, 1024), (3, 19, 512, 896)])
+
+
+def _tuned_for(config, shape, dtype):
+    """Whether the autotuner's pruning keeps ``config`` for logits of this dtype."""
+    kernel = CE._consensus_ce_fwd_kernel
+    if len(kernel.configs) == 1:
+        return True
+    return config in CE._prune_configs(kernel.configs, {"logits_ptr": torch.empty(0, dtype=NAMED_DTYPES[dtype])})
+
+
+@pytest.mark.parametrize("config,shape,dtype", every_config(
+    CE._consensus_ce_fwd_kernel, [("x".join(map(str, s)), d) for s in CE_SHAPES for d in NAMED_DTYPES],
+    keep=_tuned_for))
+def test_every_config(config, shape, dtype, monkeypatch):
+    """Each forward config the kernel may pick, forced: loss and gradient (scaled by 1.7 in the
+    backward) against float64, with the FlashAttention-style bound."""
+    monkeypatch.setattr(CE._consensus_ce_fwd_kernel, "configs", [config])
+    B, K, H, W = map(int, shape.split("x"))
+    torch.manual_seed(15)
+    dt = NAMED_DTYPES[dtype]
+    logits = (3 * torch.randn(B, K, H, W, device=DEVICE)).to(dt)
+    prob, feat = make_labels(B, K, H, W, seed=15)
+    loss, grad = loss_and_grad(consensus_cross_entropy, logits, prob, feat, backend="triton", scale=1.7)
+    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, feat, scale=1.7)
+    lowp_loss, lowp_grad = loss_and_grad(consensus_cross_entropy_ref, logits, prob, feat, scale=1.7, upcast=False)
+    loss_tol = 2 * (lowp_loss.double() - ref_loss).abs().item() + ATOL[dt] * ref_loss.abs().item()
+    assert (loss.double() - ref_loss).abs().item() <= loss_tol
+    grad_tol = 2 * (lowp_grad.double() - ref_grad).abs().max().item() + ATOL[dt] * ref_grad.abs().max().item()
+    if dt != torch.float32:  # the forward rounds the gradient to the logits' dtype, the scale by 1.7 again
+        grad_tol += torch.finfo(dt).eps * ref_grad.abs().max().item()
+    assert (grad.double() - ref_grad).abs().max().item() <= grad_tol

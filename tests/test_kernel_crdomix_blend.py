@@ -1,12 +1,15 @@
 """crdomix_blend: against a per-image, per-value loop that builds the mask the way the official code
 does (compare the label map with each selected value); the blend is a selection, so results are exact."""
 
+import importlib
+
 import pytest
 import torch
 
 from diga_fast.kernels import crdomix_blend, crdomix_blend_ref
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_helpers import DEVICE, every_config, sizes
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -114,3 +117,23 @@ def test_labels_outside_the_table_select_nothing(backend):
     assert torch.equal(mixed[outside.expand_as(mixed)], translated[outside.expand_as(mixed)])
     inside = torch.where(outside[:, 0], 0, wide)
     assert torch.equal(mixed, torch.where(outside, translated, loop_blend(source, translated, inside, selected)))
+
+
+BLEND = importlib.import_module("diga_fast.kernels.crdomix_blend")
+NAMED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LABEL_DTYPES = {"u8": torch.uint8, "i64": torch.int64}
+# GTA5-size images of the warm-up (batch 8 at 720x1280 in the bench) and the self-training crops
+BLEND_SHAPES = sizes([(2, 3, 13, 17)], [(8, 3, 720, 1280), (3, 3, 512, 896)])
+
+
+@pytest.mark.parametrize("config,shape,dtype,label_dtype", every_config(
+    BLEND._crdomix_blend_kernel,
+    [("x".join(map(str, s)), d, l) for s in BLEND_SHAPES for d in NAMED_DTYPES for l in LABEL_DTYPES]))
+def test_every_config(config, shape, dtype, label_dtype, monkeypatch):
+    """Each autotune config, forced: bit for bit the per-value loop's blend."""
+    monkeypatch.setattr(BLEND._crdomix_blend_kernel, "configs", [config])
+    B, C, H, W = map(int, shape.split("x"))
+    source, translated, labels, selected = make_inputs(B, C, H, W, NAMED_DTYPES[dtype], seed=16)
+    labels = labels.to(LABEL_DTYPES[label_dtype])
+    assert torch.equal(crdomix_blend(source, translated, labels, selected, backend="triton"),
+                       loop_blend(source, translated, labels, selected))

@@ -146,3 +146,15 @@ def test_train_threads_sets_the_stage_cpu_threads(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_train_kernels_choices_and_older_true_false():
+    """train.kernels names a backend; config.yaml files of older runs (and older commands) say true/false."""
+    from diga_fast.config import validate_recipe
+
+    assert Recipe().train.kernels == "auto"
+    assert apply_overrides(Recipe(), ["train.kernels=compile"]).train.kernels == "compile"
+    assert apply_overrides(Recipe(), ["train.kernels=false"]).train.kernels == "torch"
+    assert recipe_from_dict({"train": {"kernels": True}}).train.kernels == "auto"
+    with pytest.raises(DigaError, match="train.kernels"):
+        validate_recipe(apply_overrides(Recipe(), ["train.kernels=inductor"]))

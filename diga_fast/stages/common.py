@@ -153,7 +153,7 @@ class Stage:
         recipe asks for."""
         total, optim = self.recipe.train.iters, self.recipe.optim
         with self.run.progress(total, description) as self._tick, \
-                default_backend(None if self.recipe.train.kernels else "torch"):
+                default_backend(None if self.recipe.train.kernels == "auto" else self.recipe.train.kernels):
             for step in range(self.run.step, total):
                 lr = [set_poly_lr(optimizer, step, total, optim.poly_power, optim.warmup_iters, optim.warmup_ratio)
                       for optimizer in optimizers][0]
