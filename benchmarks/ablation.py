@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ if __name__ == "__main__" and sys.path[0] == str(Path(__file__).resolve().parent
     # the repository root takes its place, which also makes a bare checkout importable.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from diga_fast.benchmarks.results_csv import append_rows
+from diga_fast.benchmarks.results_csv import append_rows, device_name
 
 # name -> (diga argv, the configuration whose run of the same seed it starts from (--init), or a
 # {"option": configuration} of recipe options that name another run (e.g. a translator checkpoint))
@@ -100,7 +99,7 @@ def main() -> None:
             print(f"{name} seed {seed}: {miou:.2f} mIoU, {walls[name, seed]:.0f} s", flush=True)
 
     timestamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    machine = f"{platform.machine()} {platform.processor() or ''} cpu".strip()
+    machine = device_name("cpu")
     append_rows([{"timestamp": timestamp, "machine": machine, "table": args.table, "config": name,
                   "seeds": " ".join(map(str, args.seeds)),
                   "miou_mean": f"{statistics.mean(m for m, _ in rows):.2f}",

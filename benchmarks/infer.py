@@ -22,7 +22,6 @@ import contextlib
 import datetime as _dt
 import math
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diga_fast.benchmarks.results_csv import append_rows
+from diga_fast.benchmarks.results_csv import append_rows, device_name
 
 DEFAULT_CSV = Path("diga-bench/infer.csv")  # under the current directory; --record: results/
 DEFAULT_SIZES = ((512, 1024), (1024, 2048))
@@ -45,20 +44,6 @@ IMPLS = CPU_IMPLS + CUDA_IMPLS
 DEFAULT_CPU = ("torch-eager-fp32", "torch-eager-bf16", "ort-cpu-fp32")
 DEFAULT_CUDA = ("torch-eager-fp32", "torch-eager-bf16", "torch-eager-fp16", "torch-compile-fp32",
                 "ort-cuda-fp32", "ort-cuda-fp16", "ort-cuda-fp32-iobinding", "ort-cuda-fp16-iobinding")
-
-
-def device_name(cuda: bool) -> str:
-    if cuda:
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu {model} ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cpus)"
 
 
 def _ort_version() -> str:
@@ -183,7 +168,7 @@ def run(
     repeats = repeats or (30 if cuda else 3)
     warmup = warmup if warmup is not None else (5 if cuda else 1)
     threads = threads or physical_cores()
-    name = device_name(cuda)
+    name = device_name("cuda" if cuda else "cpu")
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     common = {"timestamp": stamp, "device": name, "threads": threads, "torch": torch.__version__,
               "onnxruntime": _ort_version(), "batch": batch, "repeats": repeats, "note": note}

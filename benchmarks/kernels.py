@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from diga_fast.benchmarks.results_csv import append_rows
+from diga_fast.benchmarks.results_csv import append_rows, device_name
 from diga_fast.kernels import (
     assign_centroids,
     assign_centroids_ref,
@@ -251,12 +250,6 @@ def copy_bandwidth_gbps(device: str, nbytes: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def _triton_version() -> str:
     try:
         import triton
@@ -373,7 +366,7 @@ def run(
     budget = budget_s if budget_s is not None else (0.1 if cuda else (0.2 if quick else 1.0))
     shape_table = shapes or (QUICK_SHAPES if quick else FULL_SHAPES)
     copy_gbps = copy_bandwidth_gbps(device, 2**30 if cuda else (2**24 if quick else 2**27))
-    name = device_name(device)
+    name = device_name(device) + ("" if cuda else f", {torch.get_num_threads()} threads")
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     common = {"timestamp": stamp, "device": name, "torch": torch.__version__, "triton": _triton_version()}
 

@@ -1,5 +1,5 @@
-"""Where bench rows go, and appending them to a results CSV (header written once, floats to 6
-significant digits).
+"""Where bench rows go, appending them to a results CSV (header written once, floats to 6 significant
+digits), and the device name every row carries.
 
 Every ``diga bench`` command writes to ``./diga-bench/<name>.csv`` under the current directory unless
 told otherwise (``--csv PATH``); only ``--record`` appends to the tracked
@@ -8,6 +8,7 @@ told otherwise (``--csv PATH``); only ``--record`` appends to the tracked
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -50,3 +51,30 @@ def append_rows(rows: list[dict], csv_path: Path, columns: list[str]) -> None:
             writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def device_name(device) -> str:
+    """A CUDA device's name; for a CPU, what makes its timings comparable: the model name, family and
+    model numbers, the vector extensions (AVX2, AVX-512, VNNI, BF16, AMX) and the CPUs this process may
+    use (e.g. 'cpu AMD EPYC (family 25 model 17; avx2 avx512f avx512_vnni avx512_bf16), 2 cpus')."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = " ".join((info.get("model name") or "unknown model").split())
+    flags = set(info.get("flags", "").split())
+    vector = " ".join(f for f in VECTOR_FLAGS if f in flags) or "no AVX2"
+    numbers = f"family {info['cpu family']} model {info['model']}; " if "cpu family" in info and "model" in info else ""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu {model} ({numbers}{vector}), {cpus} cpus"

@@ -27,7 +27,6 @@ Default preset: ``paper`` on CUDA (deeplabv2_r101, 512x896 crops, 3 source + 3 t
 from __future__ import annotations
 
 import datetime as dt
-import platform
 import statistics
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from diga_fast.benchmarks.results_csv import append_rows
+from diga_fast.benchmarks.results_csv import append_rows, device_name
 
 PHASES = ("data", "ema", "teacher", "labelling", "mixing", "forward", "centroids", "backward")
 _FP32 = ["train.bf16=false", "train.channels_last=false"]
@@ -84,12 +83,6 @@ class PhaseTimer:
     def next_step(self) -> None:
         self.steps.append(self._current)
         self._current = {}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} cpu, {torch.get_num_threads()} threads"
 
 
 def _recipe(preset: str, steps: int, overrides: list[str]):
@@ -151,7 +144,8 @@ def run(preset: str | None = None, steps: int = 20, warmup: int = 5, setups: lis
             total = sum(phase_ms.values())
             row = {
                 "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "device": device_name(dev), "preset": preset, "arch": recipe.model.arch,
+                "device": device_name(dev) + ("" if dev.type == "cuda" else f", {torch.get_num_threads()} threads"),
+                "preset": preset, "arch": recipe.model.arch,
                 "crop": "x".join(map(str, recipe.data.crop)), "batch": f"{recipe.data.batch_size}+{recipe.data.batch_size}",
                 "setup": setup, "steps": len(measured), **{f"{p}_ms": v for p, v in phase_ms.items()},
                 "total_ms": total, "it_per_s": 1e3 / total,

@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py as the first GPU machine will run it: from a bare checkout (no install of the
 project) with only a preinstalled package set. Here that machine is imitated by a new virtual
-environment that holds just those packages (linked from this one) and a copy of the working tree."""
+environment that holds just those packages (linked from this one) and a copy of the source tree."""
 
 import importlib.metadata
 import json
@@ -54,22 +54,16 @@ def _preinstalled_venv(root: Path) -> Path:
 
 
 def _bare_checkout(root: Path) -> Path:
-    """The working tree as git sees it (tracked and untracked, not ignored), without .git."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, check=True).stdout.split(b"\0")
-    for name in filter(None, files):
-        source = REPO / name.decode()
-        if source.is_file():
-            target = root / name.decode()
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.read_bytes())
+    """The source tree without .git, virtual environments or build and run outputs (.gitignore's
+    entries): what a checkout on a fresh machine holds."""
+    ignored = [line.strip().strip("/") for line in (REPO / ".gitignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    shutil.copytree(REPO, root, symlinks=True, ignore=shutil.ignore_patterns(".git", "venv", *ignored))
     return root
 
 
 @pytest.fixture(scope="module")
 def machine(tmp_path_factory):
-    if shutil.which("git") is None:
-        pytest.skip("git is needed to copy the working tree")
     base = tmp_path_factory.mktemp("gpu_machine")
     return _preinstalled_venv(base / "venv"), _bare_checkout(base / "checkout")
 

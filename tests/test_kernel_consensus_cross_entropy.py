@@ -40,6 +40,20 @@ def loss_and_grad(fn, logits, *args, scale=1.0, **kwargs):
     return loss, grad
 
 
+def assert_within_flash_bound(loss, grad, logits, prob, feat, scale):
+    """FlashAttention's test bound on the loss and the gradient (of ``loss * scale``): at most twice the
+    error of PyTorch computing in the logits' dtype, against float64, plus a dtype-sized atol."""
+    dtype = logits.dtype
+    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, feat, scale=scale)
+    lowp_loss, lowp_grad = loss_and_grad(consensus_cross_entropy_ref, logits, prob, feat, scale=scale, upcast=False)
+    loss_tol = 2 * (lowp_loss.double() - ref_loss).abs().item() + ATOL[dtype] * ref_loss.abs().item()
+    assert (loss.double() - ref_loss).abs().item() <= loss_tol
+    grad_tol = 2 * (lowp_grad.double() - ref_grad).abs().max().item() + ATOL[dtype] * ref_grad.abs().max().item()
+    if dtype != torch.float32 and scale != 1:  # the forward rounds the gradient to the logits' dtype, the scale again
+        grad_tol += torch.finfo(dtype).eps * ref_grad.abs().max().item()
+    assert (grad.double() - ref_grad).abs().max().item() <= grad_tol
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64], ids=["u8", "i32", "i64"])
@@ -54,14 +68,7 @@ def test_matches_exact(B, K, H, W, label_dtype, dtype, backend):
     assert loss.dim() == 0 and loss.dtype == torch.float32
     assert grad.dtype == dtype and grad.shape == logits.shape
 
-    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, feat, scale=1.7)
-    lowp_loss, lowp_grad = loss_and_grad(consensus_cross_entropy_ref, logits, prob, feat, scale=1.7, upcast=False)
-    loss_tol = 2 * (lowp_loss.double() - ref_loss).abs().item() + ATOL[dtype] * ref_loss.abs().item()
-    assert (loss.double() - ref_loss).abs().item() <= loss_tol
-    grad_tol = 2 * (lowp_grad.double() - ref_grad).abs().max().item() + ATOL[dtype] * ref_grad.abs().max().item()
-    if dtype != torch.float32:  # the forward rounds the gradient to the logits' dtype, the scale by 1.7 again
-        grad_tol += torch.finfo(dtype).eps * ref_grad.abs().max().item()
-    assert (grad.double() - ref_grad).abs().max().item() <= grad_tol
+    assert_within_flash_bound(loss, grad, logits, prob, feat, scale=1.7)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -293,15 +300,7 @@ def test_every_config(config, shape, dtype, monkeypatch):
     monkeypatch.setattr(CE._consensus_ce_fwd_kernel, "configs", [config])
     B, K, H, W = map(int, shape.split("x"))
     torch.manual_seed(15)
-    dt = NAMED_DTYPES[dtype]
-    logits = (3 * torch.randn(B, K, H, W, device=DEVICE)).to(dt)
+    logits = (3 * torch.randn(B, K, H, W, device=DEVICE)).to(NAMED_DTYPES[dtype])
     prob, feat = make_labels(B, K, H, W, seed=15)
     loss, grad = loss_and_grad(consensus_cross_entropy, logits, prob, feat, backend="triton", scale=1.7)
-    ref_loss, ref_grad = loss_and_grad(exact_loss, logits.double(), prob, feat, scale=1.7)
-    lowp_loss, lowp_grad = loss_and_grad(consensus_cross_entropy_ref, logits, prob, feat, scale=1.7, upcast=False)
-    loss_tol = 2 * (lowp_loss.double() - ref_loss).abs().item() + ATOL[dt] * ref_loss.abs().item()
-    assert (loss.double() - ref_loss).abs().item() <= loss_tol
-    grad_tol = 2 * (lowp_grad.double() - ref_grad).abs().max().item() + ATOL[dt] * ref_grad.abs().max().item()
-    if dt != torch.float32:  # the forward rounds the gradient to the logits' dtype, the scale by 1.7 again
-        grad_tol += torch.finfo(dt).eps * ref_grad.abs().max().item()
-    assert (grad.double() - ref_grad).abs().max().item() <= grad_tol
+    assert_within_flash_bound(loss, grad, logits, prob, feat, scale=1.7)

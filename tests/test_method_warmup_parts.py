@@ -15,7 +15,7 @@ from diga_fast.method.losses import (
     segmentation_cross_entropy,
     source_cross_entropy,
 )
-from diga_fast.method.mixing import classmix_labels, classmix_selection, crdomix
+from diga_fast.method.mixing import classmix, classmix_labels, classmix_selection, crdomix, narrow_labels
 from diga_fast.method.translators import fda_translate
 
 
@@ -82,6 +82,20 @@ def test_crdomix_keeps_source_on_selected_classes_and_255():
     assert torch.equal(mixed[:, :, 0, 0], aug[:, :, 0, 0])
     all_ignore = torch.full((2, 6, 7), 255)
     assert torch.equal(crdomix(aug, translated, all_ignore), aug)  # no crash, nothing stale
+
+
+def test_the_blends_read_uint8_labels_as_the_int64_ones():
+    """Self-training hands both blends one uint8 copy of the source labels (on CUDA; narrow_labels keeps
+    CPU tensors as they are): the same mixes, bit for bit."""
+    aug, translated = torch.rand(2, 3, 6, 7), torch.rand(2, 3, 6, 7)
+    labels = torch.randint(0, 19, (2, 6, 7))
+    labels[:, 0] = 255
+    narrow = labels.to(torch.uint8)
+    assert narrow_labels(labels) is labels and narrow_labels(narrow) is narrow
+    assert torch.equal(crdomix(aug, translated, labels, torch.Generator().manual_seed(1), narrow=narrow),
+                       crdomix(aug, translated, labels, torch.Generator().manual_seed(1)))
+    selected = classmix_selection(labels, torch.Generator().manual_seed(2))
+    assert torch.equal(classmix(aug, translated, labels, selected, narrow=narrow), classmix(aug, translated, labels, selected))
 
 
 def test_classmix_labels():

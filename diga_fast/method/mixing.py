@@ -38,10 +38,27 @@ def classmix_selection(labels: torch.Tensor, generator: torch.Generator | None =
     return selected
 
 
+def narrow_labels(labels: torch.Tensor) -> torch.Tensor:
+    """A label map as uint8 for the blends: one byte per pixel instead of int64's eight (values are
+    0..255 by the blend's contract: label spaces of at most 255 classes, 255 = ignore). Worth a copy where
+    one map feeds two blends, as the source labels do in self-training: 9 + 1 + 1 bytes per pixel
+    instead of 8 + 8. CPU tensors stay as they are (the reference gathers with int64 indices)."""
+    return labels if labels.dtype == torch.uint8 or not labels.is_cuda else labels.to(torch.uint8)
+
+
 def crdomix(augmented: torch.Tensor, translated: torch.Tensor, labels: torch.Tensor,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """x_cdm = M * x_aug + (1 - M) * G(x_s), M from ``classmix_selection(labels)``."""
-    return crdomix_blend(augmented, translated, labels, classmix_selection(labels, generator))
+            generator: torch.Generator | None = None, narrow: torch.Tensor | None = None) -> torch.Tensor:
+    """x_cdm = M * x_aug + (1 - M) * G(x_s), M from ``classmix_selection(labels)``; ``narrow``: the same
+    labels as uint8 (``narrow_labels``), read by the blend instead when the caller has them."""
+    return crdomix_blend(augmented, translated, labels if narrow is None else narrow,
+                         classmix_selection(labels, generator))
+
+
+def classmix(source: torch.Tensor, target: torch.Tensor, source_labels: torch.Tensor, selected: torch.Tensor,
+             narrow: torch.Tensor | None = None) -> torch.Tensor:
+    """x_mix: the source pixels of the selected classes pasted onto the target image (``narrow`` as in
+    :func:`crdomix`)."""
+    return crdomix_blend(source, target, source_labels if narrow is None else narrow, selected)
 
 
 def classmix_labels(selected: torch.Tensor, source_labels: torch.Tensor, target_labels: torch.Tensor) -> torch.Tensor:

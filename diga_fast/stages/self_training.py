@@ -29,13 +29,12 @@ from diga_fast.engine.device import autocast, training_forward
 from diga_fast.engine.logging import console, progress_callback, save_grid
 from diga_fast.engine.optim import backward_step
 from diga_fast.errors import DigaError
-from diga_fast.kernels import crdomix_blend
 from diga_fast.method.augment import strong_view
 from diga_fast.method.centroids import agreement_labels, initial_centroids, update_centroids
 from diga_fast.method.consensus import consensus_labels, consensus_loss, feature_labels, label_quality, target_labels
 from diga_fast.method.ema import ema_update, make_teacher
 from diga_fast.method.losses import cross_view_distillation, source_cross_entropy
-from diga_fast.method.mixing import classmix_labels, classmix_selection, crdomix
+from diga_fast.method.mixing import classmix, classmix_labels, classmix_selection, crdomix, narrow_labels
 from diga_fast.method.pseudo_labels import PseudoLabelled, generate_probability_labels
 from diga_fast.method.translators import build_translator
 from diga_fast.models import build_model, upsample_to
@@ -99,12 +98,14 @@ def train_self(recipe: Recipe, out: str | Path, init: str | Path | None, device:
 
         with phase("mixing"):
             # 3. cross-domain ClassMix: source classes pasted onto the strongly augmented target
+            y_s8 = narrow_labels(y_s)  # one byte per pixel for both blends
             selected = classmix_selection(y_s, generator)
-            x_mix = crdomix_blend(x_s, strong_view(x_t, target_aug, generator), y_s, selected)
+            x_mix = classmix(x_s, strong_view(x_t, target_aug, generator), y_s, selected, narrow=y_s8)
             prob_mix, feat_mix = classmix_labels(selected, y_s, prob), classmix_labels(selected, y_s, feat)
             # 4. CrDoMix on the source
             x_aug = strong_view(x_s, source_aug, generator)
-            x_cdm = crdomix(x_aug, translator(x_s, source), y_s, generator) if translator is not None else x_aug
+            x_cdm = (crdomix(x_aug, translator(x_s, source), y_s, generator, narrow=y_s8) if translator is not None
+                     else x_aug)
 
         # 5. losses
         with phase("forward"):
