@@ -240,7 +240,7 @@ def _available(impls: list[str], cuda: bool) -> tuple[list[str], list[str]]:
 
 def _models(models: list[str] | None, checkpoint: str | None):
     """(label, model, label space) for a checkpoint or for each arch with random weights."""
-    from diga_fast.data.labels import get_label_space
+    from diga_fast.labels import get_label_space
     from diga_fast.models.io import load_model
     from diga_fast.models import build_model
 

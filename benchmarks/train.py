@@ -108,7 +108,7 @@ def run(preset: str | None = None, steps: int = 20, warmup: int = 5, setups: lis
     """Time each setup; append its row to ``csv_path`` as soon as it is measured and print the table.
     ``overrides`` are recipe ``key=value`` strings applied on top of the preset (e.g. a smaller crop).
     Past ``deadline`` (a ``time.time()``) the setups left are skipped and named."""
-    from diga_fast.data.labels import get_label_space
+    from diga_fast.labels import get_label_space
     from diga_fast.models.io import save_weights
     from diga_fast.engine.device import resolve_device
     from diga_fast.stages.common import timing_phases

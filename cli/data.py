@@ -83,7 +83,7 @@ def translate(checkpoint, source, out, synthetic_images, seed, device) -> None:
     from rich.progress import track
 
     from diga_fast.data import build_dataset
-    from diga_fast.data.labels import get_label_space
+    from diga_fast.labels import get_label_space
     from diga_fast.utils.io import atomic_write
     from diga_fast.engine.device import resolve_device
     from diga_fast.models.io import load_translator_generator

@@ -45,7 +45,7 @@ def eval_command(checkpoint, onnx_path, pred_dir, targets, split, scales, label_
     """mIoU of a checkpoint, an ONNX export or prediction PNGs on a labelled split, from one confusion matrix
     per target."""
     from diga_fast.data import build_dataset, parse_dataset_spec
-    from diga_fast.data.labels import get_label_space
+    from diga_fast.labels import get_label_space
     from diga_fast.engine.device import resolve_device
     from diga_fast.engine.logging import progress_callback
     from diga_fast.inference import evaluate_datasets, evaluate_prediction_folder
@@ -107,7 +107,7 @@ def _report(results: list[tuple[str, dict]], what: str, split: str, json_path: s
 
 def _onnx_segmenter(onnx_path: str, device: str, label_space: str | None, scales: tuple[float, ...]):
     """The ONNX Runtime session of an export and its label space (from the file's metadata)."""
-    from diga_fast.data.labels import get_label_space
+    from diga_fast.labels import get_label_space
     from diga_fast.export.runtime import OnnxSegmenter
 
     segmenter = OnnxSegmenter(onnx_path, device=device)
@@ -135,7 +135,7 @@ def predict(checkpoint, onnx_path, images_dir, out, scales, overlay, device, ski
     """Segment every image under --images: NAME_labelIds.png (Cityscapes label ids) and NAME_color.png.
     Images of any size run at full size; greyscale, palette, RGBA and 16-bit files are converted to
     8-bit RGB first (alpha dropped, 16-bit samples keep their high byte)."""
-    from diga_fast.data.labels import get_label_space
+    from diga_fast.labels import get_label_space
     from diga_fast.models.io import load_model
     from diga_fast.inference import predict_folder
     from diga_fast.engine.device import resolve_device

@@ -24,7 +24,7 @@ def export(checkpoint, onnx_path, torchscript_path, pt2_path, argmax, fp16, lega
     torch.export) and compared with PyTorch on two other input sizes; a file that does not match is
     deleted and the command fails. ONNX files carry the class names, palette, label space, model and
     training-recipe hash as metadata."""
-    from diga_fast.data.labels import get_label_space
+    from diga_fast.labels import get_label_space
     from diga_fast.models.io import load_model
     from diga_fast.errors import DigaError
     from diga_fast.export import export_model

@@ -15,46 +15,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from PIL import Image
 
 from diga_fast.config import Recipe
 from diga_fast.data.build import eval_target_datasets, target_val_dataset
-from diga_fast.data.labels import LabelSpace
+from diga_fast.labels import LabelSpace
 from diga_fast.errors import DigaError
 from diga_fast.metrics import ConfusionMatrix, summarize, target_row
-from diga_fast.models import SegmentationModel, upsample_to
+from diga_fast.models import SegmentationModel
+from diga_fast.models.predict import LogitsFn, predict_logits
 from diga_fast.utils import dist
 from diga_fast.utils.io import save_png
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]  # progress(done, total), e.g. engine.logging.progress_callback's
-
-
-def logits_fn(model: SegmentationModel | LogitsFn) -> LogitsFn:
-    """A model's logits (its first output), or ``model`` itself when it already is a ``LogitsFn``."""
-    if isinstance(model, torch.nn.Module):
-        return lambda x: model(x)[0]
-    return model
-
-
-@torch.no_grad()
-def predict_logits(model: SegmentationModel | LogitsFn, images: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
-    """Logits at full input size: for each scale, resize the image (bilinear), run the model,
-    upsample the logits to full size; combine scales by element-wise max."""
-    forward = logits_fn(model)
-    size = tuple(images.shape[-2:])
-    combined = None
-    for scale in scales:
-        x = images
-        if scale != 1.0:
-            scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-            x = F.interpolate(images, size=scaled, mode="bilinear", align_corners=True)
-        logits = upsample_to(forward(x).float(), size)
-        combined = logits if combined is None else torch.maximum(combined, logits)
-    return combined
 
 
 @torch.no_grad()

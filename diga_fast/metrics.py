@@ -21,7 +21,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from diga_fast.data.labels import IGNORE_INDEX, LabelSpace
+from diga_fast.labels import IGNORE_INDEX, LabelSpace
 
 
 class ConfusionMatrix:

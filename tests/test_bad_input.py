@@ -218,7 +218,7 @@ def test_onnx_with_the_wrong_class_count_is_refused(tmp_path, capsys, trained):
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from diga_fast.data.labels import SYNTHIA16
+    from diga_fast.labels import SYNTHIA16
 
     path = tmp_path / "model.onnx"
     code, _, err = run(capsys, "export", "--checkpoint", trained, "--onnx", path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from cli_helpers import run
 
-from diga_fast.data.labels import CITYSCAPES19
+from diga_fast.labels import CITYSCAPES19
 from diga_fast.export import InferenceWrapper, OnnxSegmenter, load_pt2
 from diga_fast.models import build_model
 from diga_fast.models.io import save_weights

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from diga_fast.data.datasets import GTA5, Cityscapes, ImageFolder, Synthia, read_png, split_names
-from diga_fast.data.labels import CITYSCAPES19, SYNTHIA16
+from diga_fast.labels import CITYSCAPES19, SYNTHIA16
 from diga_fast.data.layouts import (
     synthia_id_from_class,
     write_cityscapes_layout,

@@ -73,7 +73,7 @@ def _spec(root, kind, option=""):
 
 def _dataset(spec, split="val", with_labels=True, space=None):
     from diga_fast.data import build_dataset
-    from diga_fast.data.labels import CITYSCAPES19
+    from diga_fast.labels import CITYSCAPES19
 
     return build_dataset(spec, role="target", split=split, label_space=space or CITYSCAPES19, with_labels=with_labels)
 
@@ -82,7 +82,8 @@ def _dataset(spec, split="val", with_labels=True, space=None):
 def test_mapillary_map_is_the_hand_written_one_and_ships_with_the_package():
     from pathlib import Path
 
-    from diga_fast.data.labels import CITYSCAPES19, mapillary_lut, mapillary_rows
+    from diga_fast.labels import CITYSCAPES19
+    from diga_fast.data.labels import mapillary_lut, mapillary_rows
 
     assert mapillary_rows() == HAND_WRITTEN_ROWS
     assert mapillary_lut(CITYSCAPES19).tolist() == [MAPPED.get(i, 255) for i in range(66)]
@@ -94,7 +95,7 @@ def test_mapillary_map_is_the_hand_written_one_and_ships_with_the_package():
 
 
 def test_mapillary_label_with_every_value(tmp_path):
-    from diga_fast.data.labels import SYNTHIA16
+    from diga_fast.labels import SYNTHIA16
     from diga_fast.errors import DigaError
 
     root = tmp_path / "mapillary"
@@ -262,7 +263,7 @@ def test_eval_several_targets_equals_each_alone(tmp_path, capsys, synth, checkpo
 def test_eval_several_targets_with_onnx(tmp_path, capsys, monkeypatch, synth, checkpoint):
     """--onnx goes through the same several-target path; the ONNX Runtime session itself is tested in
     test_export.py, so a stand-in session that runs the checkpoint keeps this test fast."""
-    from diga_fast.data.labels import CITYSCAPES19
+    from diga_fast.labels import CITYSCAPES19
     from diga_fast.models.io import load_model
 
     model = load_model(checkpoint)[0].eval()

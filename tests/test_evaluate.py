@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from diga_fast.data.labels import CITYSCAPES19, SYNTHIA16
+from diga_fast.labels import CITYSCAPES19, SYNTHIA16
 from diga_fast.metrics import ConfusionMatrix, iou_table, summarize
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from diga_fast.cli.main import main
-from diga_fast.data.labels import CITYSCAPES19
+from diga_fast.labels import CITYSCAPES19
 from diga_fast.models.io import save_weights
 from diga_fast.errors import DigaError
 from diga_fast.export import (

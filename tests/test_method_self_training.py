@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diga_fast.data.labels import CITYSCAPES19
+from diga_fast.labels import CITYSCAPES19
 from diga_fast.errors import DigaError
 from diga_fast.method.centroids import agreement_labels, initial_centroids, update_centroids
 from diga_fast.method.pseudo_labels import PseudoLabelled, generate_probability_labels
@@ -132,7 +132,7 @@ def test_pseudo_labels_round_trip_and_mismatches_are_refused(tmp_path):
     stored = np.array(Image.open(out / "labels" / "a" / "one.png"))
     with torch.no_grad():
         x = torch.from_numpy(images.images[0]).permute(2, 0, 1).float().div(255)[None]
-        from diga_fast.inference import predict_logits
+        from diga_fast.models.predict import predict_logits
 
         expected = predict_logits(model.eval(), x, (1.0, 0.5)).argmax(1)[0].numpy()
     assert stored.shape == (20, 30) and np.array_equal(stored, expected) and 255 not in stored

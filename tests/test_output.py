@@ -13,7 +13,7 @@ from rich.console import Console
 
 import diga_fast.engine.logging as logging_module
 from diga_fast.config import DataConfig, preset_recipe
-from diga_fast.data.labels import CITYSCAPES19, SYNTHIA16
+from diga_fast.labels import CITYSCAPES19, SYNTHIA16
 from diga_fast.data.synthetic import SyntheticDomain
 from diga_fast.engine.logging import progress_bar, progress_callback, save_grid
 from diga_fast.metrics import ConfusionMatrix, iou_table, summarize

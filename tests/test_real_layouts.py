@@ -20,7 +20,7 @@ def layouts(tmp_path_factory):
     """gta5/ and cityscapes/ from `diga data synth` (4 train, 2 val images) and a SYNTHIA copy of the
     source, as a user would have them on disk."""
     from diga_fast.cli.main import main
-    from diga_fast.data.labels import CITYSCAPES19
+    from diga_fast.labels import CITYSCAPES19
     from diga_fast.data.layouts import write_synthia_layout
     from diga_fast.data.synthetic import render_scene
 
@@ -120,7 +120,7 @@ def test_translated_images_get_the_same_crop_rescale_and_flip(tmp_path, layouts,
     resampling rounding), whatever crop, rescale and flip were drawn; a translation stored at twice
     the size is resized back first."""
     from diga_fast.data import build_dataset
-    from diga_fast.data.labels import CITYSCAPES19
+    from diga_fast.labels import CITYSCAPES19
     from diga_fast.data.loader import InfiniteLoader
     from diga_fast.data.transforms import train_transform
     from diga_fast.data.translated import TranslatedSource
@@ -144,7 +144,7 @@ def test_translated_images_get_the_same_crop_rescale_and_flip(tmp_path, layouts,
 
 def test_translated_image_of_another_aspect_ratio_is_refused(tmp_path, layouts):
     from diga_fast.data import build_dataset
-    from diga_fast.data.labels import CITYSCAPES19
+    from diga_fast.labels import CITYSCAPES19
     from diga_fast.data.translated import TranslatedSource
     from diga_fast.errors import DigaError
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diga_fast.data import synthetic
-from diga_fast.data.labels import CITYSCAPES19, IGNORE_INDEX
+from diga_fast.labels import CITYSCAPES19, IGNORE_INDEX
 from diga_fast.data.synthetic import SyntheticDomain, render_scene
 from diga_fast.errors import DigaError
 

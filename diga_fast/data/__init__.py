@@ -25,7 +25,7 @@ from diga_fast.errors import DigaError
 if TYPE_CHECKING:  # torch stays unimported until a dataset is built (`diga --help` stays fast)
     from torch.utils.data import Dataset
 
-    from diga_fast.data.labels import LabelSpace
+    from diga_fast.labels import LabelSpace
 
 DATASET_KINDS = ("synthetic", "gta5", "synthia", "cityscapes", "bdd100k", "mapillary", "acdc", "darkzurich", "folder")
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")

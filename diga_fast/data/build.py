@@ -8,7 +8,7 @@ import sys
 from torch.utils.data import Dataset
 
 from diga_fast.data import build_dataset
-from diga_fast.data.labels import LabelSpace
+from diga_fast.labels import LabelSpace
 from diga_fast.data.transforms import eval_transform, train_transform
 from diga_fast.data.translated import TranslatedSource
 from diga_fast.config import Recipe

@@ -36,15 +36,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from diga_fast.data.labels import (
-    CITYSCAPES19,
-    CITYSCAPES_MAX_ID,
-    IGNORE_INDEX,
-    SYNTHIA16,
-    SYNTHIA_MAX_ID,
-    LabelSpace,
-    synthia_id_lut,
-)
+from diga_fast.labels import CITYSCAPES19, IGNORE_INDEX, SYNTHIA16, LabelSpace
+from diga_fast.data.labels import CITYSCAPES_MAX_ID, SYNTHIA_MAX_ID, synthia_id_lut
 from diga_fast.errors import DigaError
 
 __all__ = [

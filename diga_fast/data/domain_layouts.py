@@ -21,14 +21,8 @@ import yaml
 from PIL import Image
 
 from diga_fast.data import ACDC_CONDITIONS
-from diga_fast.data.labels import (
-    CITYSCAPES19,
-    IGNORE_INDEX,
-    MAPILLARY_MAX_ID,
-    LabelSpace,
-    mapillary_rows,
-    train_id_lut,
-)
+from diga_fast.labels import CITYSCAPES19, IGNORE_INDEX, LabelSpace
+from diga_fast.data.labels import MAPILLARY_MAX_ID, mapillary_rows, train_id_lut
 from diga_fast.data.layouts import _check, _cityscapes_palette, _save_rgb
 
 __all__ = [

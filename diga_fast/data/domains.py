@@ -48,14 +48,8 @@ from diga_fast.data.datasets import (
     _sequence_frames,
     read_png,
 )
-from diga_fast.data.labels import (
-    CITYSCAPES19,
-    IGNORE_INDEX,
-    MAPILLARY_MAX_ID,
-    LabelSpace,
-    mapillary_lut,
-    train_id_lut,
-)
+from diga_fast.labels import CITYSCAPES19, IGNORE_INDEX, LabelSpace
+from diga_fast.data.labels import MAPILLARY_MAX_ID, mapillary_lut, train_id_lut
 from diga_fast.data.transforms import _resize_image, _resize_label
 from diga_fast.errors import DigaError
 

@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from diga_fast.data.datasets import require_opencv
-from diga_fast.data.labels import CITYSCAPES19, SYNTHIA16, SYNTHIA_MAX_ID, LabelSpace, synthia_id_lut
+from diga_fast.labels import CITYSCAPES19, SYNTHIA16, LabelSpace
+from diga_fast.data.labels import SYNTHIA_MAX_ID, synthia_id_lut
 
 __all__ = [
     "write_png",

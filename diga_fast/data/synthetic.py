@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diga_fast.data.labels import CITYSCAPES19
+from diga_fast.labels import CITYSCAPES19
 from diga_fast.errors import DigaError
 
 DOMAINS = ("source", "target")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diga_fast.data.labels import IGNORE_INDEX
+from diga_fast.labels import IGNORE_INDEX
 
 Label = np.ndarray | None
 Transform = Callable[[np.ndarray, Label], tuple[np.ndarray, Label]]

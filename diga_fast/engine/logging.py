@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Column
 from rich.text import Text
 
-from diga_fast.data.labels import LabelSpace
+from diga_fast.labels import LabelSpace
 from diga_fast.utils.io import atomic_write, save_png
 
 console = Console(stderr=True)

@@ -116,7 +116,7 @@ def label_space_from_metadata(metadata: dict[str, str]):
     classes match, else one rebuilt from the stored class names, label ids and palette."""
     import numpy as np
 
-    from diga_fast.data.labels import LABEL_SPACES, LabelSpace
+    from diga_fast.labels import LABEL_SPACES, LabelSpace
     from diga_fast.errors import DigaError
 
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from diga_fast.data.labels import IGNORE_INDEX
+from diga_fast.labels import IGNORE_INDEX
 from diga_fast.kernels import class_feature_sums
 from diga_fast.models import SegmentationModel
 from diga_fast.utils import dist

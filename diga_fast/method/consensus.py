@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diga_fast.data.labels import IGNORE_INDEX
+from diga_fast.labels import IGNORE_INDEX
 from diga_fast.kernels import assign_centroids, consensus_cross_entropy
 from diga_fast.method.losses import all_pixel_mean, source_cross_entropy
 from diga_fast.models import upsample_to

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diga_fast.data.labels import IGNORE_INDEX
+from diga_fast.labels import IGNORE_INDEX
 from diga_fast.models import upsample_to
 from diga_fast.utils import dist
 

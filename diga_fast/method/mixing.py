@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from diga_fast.data.labels import IGNORE_INDEX
+from diga_fast.labels import IGNORE_INDEX
 from diga_fast.utils.dist import random_rows
 from diga_fast.kernels import crdomix_blend
 

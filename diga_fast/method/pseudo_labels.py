@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from diga_fast.data.labels import IGNORE_INDEX, LabelSpace
+from diga_fast.labels import IGNORE_INDEX, LabelSpace
 from diga_fast.errors import DigaError
-from diga_fast.inference import predict_logits
+from diga_fast.models.predict import predict_logits
 from diga_fast.models import SegmentationModel
 from diga_fast.utils import dist
 from diga_fast.utils.io import atomic_write, save_png

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diga_fast.data.labels import get_label_space
+from diga_fast.labels import get_label_space
 from diga_fast.errors import DigaError
 from diga_fast.models import SegmentationModel, build_model
 from diga_fast.models.translator import ImageTranslator, VGGFeatures

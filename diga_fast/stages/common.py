@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from diga_fast.config import Recipe
 from diga_fast.data.build import eval_target_datasets, target_val_dataset
-from diga_fast.data.labels import get_label_space
+from diga_fast.labels import get_label_space
 from diga_fast.data.loader import InfiniteLoader
 from diga_fast.engine.device import resolve_device, seed_everything, set_threads
 from diga_fast.engine.logging import console, progress_callback

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from diga_fast.config import Recipe, absolute_paths, apply_overrides, choose_network, preset_recipe, validate_recipe
-from diga_fast.data.labels import get_label_space
+from diga_fast.labels import get_label_space
 from diga_fast.engine.device import resolve_device
 from diga_fast.errors import DigaError
 from diga_fast.models.io import load_model

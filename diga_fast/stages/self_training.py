@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,20 +25,21 @@ import torch
 from diga_fast.config import Recipe
 from diga_fast.data.build import source_train_dataset, target_images, target_train_dataset, target_transform
 from diga_fast.engine.device import autocast, training_forward
-from diga_fast.engine.logging import console, progress_callback, save_grid
+from diga_fast.engine.logging import console, save_grid
 from diga_fast.engine.optim import backward_step
 from diga_fast.errors import DigaError
 from diga_fast.method.augment import strong_view
-from diga_fast.method.centroids import agreement_labels, initial_centroids, update_centroids
+from diga_fast.method.centroids import agreement_labels, update_centroids
 from diga_fast.method.consensus import consensus_labels, consensus_loss, feature_labels, label_quality, target_labels
 from diga_fast.method.ema import ema_update, make_teacher
 from diga_fast.method.losses import cross_view_distillation, source_cross_entropy
 from diga_fast.method.mixing import classmix, classmix_labels, classmix_selection, crdomix, narrow_labels
-from diga_fast.method.pseudo_labels import PseudoLabelled, generate_probability_labels
+from diga_fast.method.pseudo_labels import PseudoLabelled
 from diga_fast.method.translators import build_translator
 from diga_fast.models import build_model, upsample_to
 from diga_fast.models.io import load_centroids, load_model, save_centroids
 from diga_fast.stages.common import Stage, resumable, phase
+from diga_fast.stages.labelling import make_initial_centroids, make_probability_labels
 from diga_fast.utils import dist
 
 
@@ -169,19 +169,11 @@ def prepare_inputs(recipe: Recipe, model, run_dir: Path, label_space, device: to
     images = target_images(recipe, label_space)
     label_dir = Path(cfg.pseudo_labels) if cfg.pseudo_labels else run_dir / "pseudo_labels"
     if not cfg.pseudo_labels:
-        console.print(f"probability labels for {len(images)} target images -> {label_dir}")
-        if dist.current().is_main:  # a half-written folder from an interrupted start
-            shutil.rmtree(label_dir, ignore_errors=True)
-        dist.barrier()
-        with progress_callback("pseudo-labels") as progress:
-            generate_probability_labels(model, images, label_dir, label_space, device, cfg.pseudo_label_scales,
-                                        progress=progress)
+        make_probability_labels(model, images, label_dir, label_space, device, cfg.pseudo_label_scales, fresh=True)
     if cfg.centroids:
         centroids = load_centroids(cfg.centroids, model)
     else:
-        console.print("initial centroids from the student's own argmax on the target images")
-        with progress_callback("centroids") as progress:
-            centroids, _ = initial_centroids(model, images, device, progress=progress)
+        centroids, _ = make_initial_centroids(model, images, device)
     return label_dir, centroids.to(device)
 
 
