@@ -7,20 +7,7 @@ from pathlib import Path
 
 import click
 
-from diga_fast.data import parse_dataset_spec
-from diga_fast.config import (
-    ARCHS,
-    DAFORMER_ARCHS,
-    PRESETS,
-    absolute_paths,
-    Recipe,
-    apply_overrides,
-    load_yaml,
-    preset_recipe,
-    recipe_from_dict,
-    choose_network,
-    validate_recipe,
-)
+from diga_fast.config import ARCHS, PRESETS
 from diga_fast.errors import DigaError
 
 
@@ -68,39 +55,6 @@ def labelling_options(command):
     return _apply(command, [_TARGET, _PRESET, _CONFIG, _SEED, _DEVICE, _OVERRIDES])
 
 
-def labelling_recipe(target: str, preset: str | None, config_file: str | None, seed: int | None,
-                     overrides: tuple[str, ...]) -> Recipe:
-    """The self-training recipe these options resolve to (its target, pair size, seed, scales)."""
-    return resolve_recipe("self", source="synthetic", target=target, preset=preset, config_file=config_file,
-                          arch=None, pretrained=None, iters=None, seed=seed, bf16=None, resume=False, out="",
-                          overrides=overrides)
-
-
-def check_out_folder(out: str | Path, stage: str | None = None, resume: bool = False, force: bool = False) -> Path:
-    """Refuse a non-empty ``--out`` before any work starts, unless it is this stage's run being resumed,
-    the leftovers of this stage's start that failed before its first checkpoint (``config.yaml``, no
-    ``state.pt``), or ``--force`` is given (then a run's ``state.pt`` there is removed, so the new run
-    replaces it instead of refusing to)."""
-    out = Path(out)
-    if resume or not out.exists():
-        return out
-    if not out.is_dir():
-        raise DigaError(f"--out {out} exists and is not a folder")
-    entries = list(out.iterdir())
-    if not entries:
-        return out
-    if force:
-        for state in (out / "state.pt", *out.glob("round_*/state.pt")):
-            state.unlink(missing_ok=True)
-        return out
-    if stage is not None and not (out / "state.pt").exists() and (out / "config.yaml").is_file():
-        if load_yaml(out / "config.yaml").get("stage") == stage:
-            return out  # a start that failed before its first checkpoint: starting again loses nothing
-    what = "a run" if (out / "state.pt").exists() else f"{len(entries)} entries"
-    raise DigaError(f"--out {out} is not empty (it holds {what}); choose a new folder"
-                    f"{', --resume the run in it' if (out / 'state.pt').exists() else ''} or pass --force to write into it")
-
-
 def parse_scales(text: str) -> tuple[float, ...]:
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
@@ -111,57 +65,15 @@ def parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset: str | None,
-                   config_file: str | None, arch: str | None, pretrained: str | None, iters: int | None,
-                   seed: int | None, bf16: bool | None, resume: bool, out: str, overrides: tuple[str, ...],
-                   check: bool = True) -> Recipe:
-    """Preset -> --config -> named options -> KEY=VALUE overrides; paths in it made absolute. On
-    --resume the run's own config.yaml is the recipe: only --iters and overrides may change it, and
-    any other recipe option is refused rather than silently ignored. ``check=False`` skips the checks
-    (``diga recipe show`` prints a recipe that still lacks its weights or translator)."""
-    if resume:
-        ignored = [name for name, value in (("--source", source), ("--target", target), ("--preset", preset),
-                                             ("--config", config_file), ("--model", arch), ("--pretrained", pretrained),
-                                             ("--seed", seed), ("--bf16/--no-bf16", bf16)) if value is not None]
-        if ignored:
-            raise DigaError(f"--resume continues {out} with its own config.yaml; {', '.join(ignored)} cannot change it "
-                            "(only --iters and KEY=VALUE overrides can)")
-        run_dir = Path(out) if (Path(out) / "config.yaml").is_file() else Path(out) / "round_1"  # self --rounds
-        saved = run_dir / "config.yaml"
-        if not (run_dir / "state.pt").is_file() or not saved.is_file():
-            raise DigaError(f"--resume: {out} holds no state.pt and config.yaml to resume from")
-        values = load_yaml(saved)
-        if values.get("stage", stage) != stage:
-            raise DigaError(f"--resume: {out} is a {values.get('stage')!r} run, not a {stage!r} run "
-                            f"(continue it with `diga train {values.get('stage')} --resume --out {out}`)")
-        recipe = recipe_from_dict(values, base=preset_recipe(values.get("preset", "demo"), stage))
-    else:
-        source, target = source or "synthetic", target or "synthetic"
-        source_spec, target_spec = parse_dataset_spec(source), parse_dataset_spec(target)
-        if preset is None:
-            preset = "demo" if source_spec.is_synthetic and target_spec.is_synthetic else (
-                "paper-daformer" if arch in DAFORMER_ARCHS else "paper")
-        recipe = preset_recipe(preset, stage, source, target)
-        if config_file:
-            recipe = recipe_from_dict(load_yaml(config_file), base=recipe)
-            recipe.stage = stage
-        choose_network(recipe, arch, pretrained)
-        if seed is not None:
-            recipe.train.seed = seed
-        if bf16 is not None:
-            recipe.train.bf16 = bf16
-    if iters is not None:
-        recipe.train.iters = iters
-    recipe = apply_overrides(recipe, overrides)
-    return absolute_paths(validate_recipe(recipe) if check else recipe)
+def resolve_recipe(stage: str, **options):
+    """:func:`diga_fast.stages.recipes.resolve_recipe`, imported when called (``diga --help`` imports no torch)."""
+    from diga_fast.stages.recipes import resolve_recipe as resolve
+
+    return resolve(stage, **options)
 
 
-def print_wide(console, renderable) -> None:
-    """Print ``renderable`` (e.g. a table with a column per class) at its natural width even where that is
-    wider than the console: the terminal wraps long lines, instead of rich cutting every cell to '…'.
-    Widens ``console`` for good (the commands make a console per table)."""
-    from rich.measure import Measurement
+def labelling_recipe(*options):
+    """:func:`diga_fast.stages.recipes.labelling_recipe`, imported when called."""
+    from diga_fast.stages.recipes import labelling_recipe as resolve
 
-    width = Measurement.get(console, console.options.update(width=10_000), renderable).maximum
-    console.width = max(console.width, width)
-    console.print(renderable)
+    return resolve(*options)

@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from diga_fast.cli.common import FORCE, check_out_folder, parse_scales, print_wide
+from diga_fast.cli.common import FORCE, parse_scales
+from diga_fast.cli.tables import iou_table, print_wide, targets_table
 from diga_fast.config import DataConfig
 from diga_fast.errors import DigaError
-from diga_fast.utils.io import check_output_file
+from diga_fast.utils.io import check_out_folder, check_output_file
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -44,54 +45,20 @@ def _write_json(path: str, data: dict) -> None:
 def eval_command(checkpoint, onnx_path, pred_dir, targets, split, scales, label_space, synthetic_images, max_images, device, json_path) -> None:
     """mIoU of a checkpoint, an ONNX export or prediction PNGs on a labelled split, from one confusion matrix
     per target."""
-    from diga_fast.data import build_dataset, parse_dataset_spec
-    from diga_fast.labels import get_label_space
-    from diga_fast.engine.device import resolve_device
-    from diga_fast.engine.logging import progress_callback
-    from diga_fast.inference import evaluate_datasets, evaluate_prediction_folder
-    from diga_fast.models.io import load_model
+    from diga_fast.stages.evaluation import evaluate
 
-    if sum(x is not None for x in (checkpoint, onnx_path, pred_dir)) != 1:
-        raise DigaError("give exactly one of --checkpoint, --onnx or --pred-dir")
     if json_path is not None:
         check_output_file(json_path, "--json")
     targets = targets or ("synthetic",)
-    specs = [parse_dataset_spec(target) for target in targets]
-    if synthetic_images is None:
-        synthetic_images = DataConfig.synthetic_train_images if split == "train" else DataConfig.synthetic_val_images
-    if pred_dir is not None:
-        if len(specs) != 1 or specs[0].kind != "cityscapes":
-            raise DigaError("--pred-dir evaluates against Cityscapes ground truth: one --target cityscapes:ROOT")
-        space = get_label_space(label_space or "cityscapes19")
-        dataset = build_dataset(specs[0], role="target", split=split, label_space=space)
-        _report([(targets[0], evaluate_prediction_folder(pred_dir, dataset, space))], pred_dir, split, json_path)
-        return
-    if onnx_path is not None:
-        import torch
-
-        segmenter, space = _onnx_segmenter(onnx_path, device, label_space, parse_scales(scales))
-        model, dev, what = segmenter, torch.device("cpu"), f"{onnx_path} ({segmenter.provider})"
-    else:
-        dev = resolve_device(device)
-        model, meta = load_model(checkpoint)
-        space = get_label_space(label_space or meta["label_space"])
-        if space.num_classes != model.num_classes:
-            raise DigaError(f"--label-space {space.name} has {space.num_classes} classes, the checkpoint predicts {model.num_classes}")
-        model, what = model.to(dev), checkpoint
-    # every target is listed first, so that a bad one stops before any evaluation runs
-    datasets = [(target, build_dataset(spec, role="target", split=split, label_space=space,
-                                       synthetic_images=synthetic_images))
-                for target, spec in zip(targets, specs)]
-    results = evaluate_datasets(model, datasets, space, dev,
-                                lambda name: progress_callback("eval" if len(datasets) == 1 else f"eval {name}"),
-                                scales=parse_scales(scales), max_images=max_images)
+    what, results = evaluate(checkpoint, onnx_path, pred_dir, targets, split, parse_scales(scales), label_space,
+                             synthetic_images, max_images, device)
     _report(results, what, split, json_path)
 
 
 def _report(results: list[tuple[str, dict]], what: str, split: str, json_path: str | None) -> None:
     """One target: its per-class table and ``{miou, iou, num_classes}``; several: one table with a row per
     target and ``{"targets": [{target, miou, iou, num_classes}, ...]}``."""
-    from diga_fast.metrics import iou_table, target_row, targets_table
+    from diga_fast.inference import target_row
 
     rows = [target_row(target, summary) for target, summary in results]
     if len(results) == 1:
@@ -103,22 +70,6 @@ def _report(results: list[tuple[str, dict]], what: str, split: str, json_path: s
         data = {"targets": rows}
     if json_path:
         _write_json(json_path, data)
-
-
-def _onnx_segmenter(onnx_path: str, device: str, label_space: str | None, scales: tuple[float, ...]):
-    """The ONNX Runtime session of an export and its label space (from the file's metadata)."""
-    from diga_fast.labels import get_label_space
-    from diga_fast.export.runtime import OnnxSegmenter
-
-    segmenter = OnnxSegmenter(onnx_path, device=device)
-    if segmenter.returns_labels and scales != (1.0,):
-        raise DigaError(f"{onnx_path} was exported with --argmax (labels, no logits): --scales needs a logits export")
-    space = segmenter.label_space
-    if label_space is not None:
-        space = get_label_space(label_space)
-        if space.num_classes != segmenter.num_classes:
-            raise DigaError(f"--label-space {space.name} has {space.num_classes} classes, {onnx_path} predicts {segmenter.num_classes}")
-    return segmenter, space
 
 
 @click.command("predict")
@@ -135,31 +86,14 @@ def predict(checkpoint, onnx_path, images_dir, out, scales, overlay, device, ski
     """Segment every image under --images: NAME_labelIds.png (Cityscapes label ids) and NAME_color.png.
     Images of any size run at full size; greyscale, palette, RGBA and 16-bit files are converted to
     8-bit RGB first (alpha dropped, 16-bit samples keep their high byte)."""
-    from diga_fast.labels import get_label_space
-    from diga_fast.models.io import load_model
-    from diga_fast.inference import predict_folder
-    from diga_fast.engine.device import resolve_device
-    from diga_fast.engine.logging import progress_callback
+    from diga_fast.stages.evaluation import predict as predict_images
 
-    if (checkpoint is None) == (onnx_path is None):
-        raise DigaError("give exactly one of --checkpoint or --onnx")
     scale_values = parse_scales(scales)
     if Path(out).resolve() == Path(images_dir).resolve():
         raise DigaError("--out must not be the --images folder (the next run would read the predictions as images); "
                         "a sub-folder of it is fine")
     out_dir = check_out_folder(out, force=force)
-    if onnx_path is not None:
-        import torch
-
-        segmenter, space = _onnx_segmenter(onnx_path, device, None, scale_values)
-        model, dev = segmenter, torch.device("cpu")
-    else:
-        dev = resolve_device(device)
-        model, meta = load_model(checkpoint)
-        model, space = model.to(dev), get_label_space(meta["label_space"])
-    with progress_callback("predict") as progress:
-        count, skipped = predict_folder(model, images_dir, out_dir, space, dev, scale_values, overlay, skip_bad=skip_bad,
-                                        progress=progress)
+    count, skipped = predict_images(checkpoint, onnx_path, images_dir, out_dir, scale_values, overlay, device, skip_bad)
     click.echo(f"wrote predictions for {count} images to {out_dir}")
     if skipped:
         for why in skipped:

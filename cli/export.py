@@ -24,12 +24,10 @@ def export(checkpoint, onnx_path, torchscript_path, pt2_path, argmax, fp16, lega
     torch.export) and compared with PyTorch on two other input sizes; a file that does not match is
     deleted and the command fails. ONNX files carry the class names, palette, label space, model and
     training-recipe hash as metadata."""
-    from diga_fast.labels import get_label_space
-    from diga_fast.models.io import load_model
     from diga_fast.errors import DigaError
-    from diga_fast.export import export_model
-    from diga_fast.utils.io import check_output_file
+    from diga_fast.export import export_checkpoint
     from diga_fast.export.torchscript import LEGACY_NOTE
+    from diga_fast.utils.io import check_output_file
 
     targets = {fmt: path for fmt, path in (("onnx", onnx_path), ("torchscript", torchscript_path), ("pt2", pt2_path)) if path}
     if not targets:
@@ -38,13 +36,7 @@ def export(checkpoint, onnx_path, torchscript_path, pt2_path, argmax, fp16, lega
         raise DigaError("--legacy selects the ONNX exporter: give --onnx too")
     for fmt, path in targets.items():
         check_output_file(path, f"--{fmt}")
-    model, meta = load_model(checkpoint)
-    space = get_label_space(meta["label_space"])
-    output = "labels int64 [B, H, W]" if argmax else f"logits float32 [B, {model.num_classes}, H, W]"
-    click.echo(f"{model.arch} ({model.num_classes} classes, {space.name}) from {checkpoint}: image float32 "
-               f"[B, 3, H, W] -> {output}, {'fp16' if fp16 else 'fp32'} compute")
     if "torchscript" in targets:
         click.echo(f"note: {LEGACY_NOTE}")
-    results = export_model(model, space, targets, checkpoint_meta=meta, argmax=argmax, fp16=fp16, legacy=legacy,
-                           opset=opset, log=click.echo)
+    results = export_checkpoint(checkpoint, targets, argmax=argmax, fp16=fp16, legacy=legacy, opset=opset, log=click.echo)
     click.echo(f"{len(results)} file(s) written and verified")

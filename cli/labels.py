@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import click
 
-from diga_fast.cli.common import FORCE, check_out_folder, labelling_options, labelling_recipe
-from diga_fast.utils.io import check_output_file
+from diga_fast.cli.common import FORCE, labelling_options, labelling_recipe
+from diga_fast.utils.io import check_out_folder, check_output_file
 
 _CHECKPOINT = click.option("--checkpoint", required=True, type=click.Path(), help="Warm-up (or self-training) run folder or .safetensors.")
 

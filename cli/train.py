@@ -5,13 +5,9 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from diga_fast.cli.common import (
-    check_out_folder,
-    print_wide,
-    resolve_recipe,
-    training_options,
-    translator_training_options,
-)
+from diga_fast.cli.common import resolve_recipe, training_options, translator_training_options
+from diga_fast.cli.tables import iou_table, print_wide, targets_table
+from diga_fast.utils.io import check_out_folder
 
 
 def _console() -> Console:
@@ -38,13 +34,11 @@ _SELECT_ON_VAL = click.option(
 def _fold_flags(options: dict) -> dict:
     """--eval-targets and --select-on-val as the KEY=VALUE overrides ``train.eval_targets=[...]`` and
     ``train.select_on_val=...`` (which --resume also takes)."""
-    import json
-
-    from diga_fast.data import split_dataset_specs
+    from diga_fast.stages.recipes import eval_targets_override
 
     text = options.pop("eval_targets")
     if text is not None:
-        options["overrides"] = (*options["overrides"], f"train.eval_targets={json.dumps(split_dataset_specs(text))}")
+        options["overrides"] = (*options["overrides"], eval_targets_override(text))
     select = options.pop("select_on_val", None)
     if select is not None:
         options["overrides"] = (*options["overrides"], f"train.select_on_val={str(select).lower()}")
@@ -53,7 +47,6 @@ def _fold_flags(options: dict) -> dict:
 
 def _print_summary(summary: dict, title: str) -> None:
     """The target's per-class table, then the generalisation table when the run evaluated more datasets."""
-    from diga_fast.metrics import iou_table, targets_table
 
     _console().print(iou_table(summary, title=title))
     if summary.get("targets"):
@@ -119,22 +112,6 @@ def train_translator_command(out, device, resume, force, **options) -> None:
     console.print(f"run folder: {out}")
 
 
-def inherit_init_recipe(recipe, init: str, overrides: tuple[str, ...]) -> None:
-    """Self-training continues the recipe of the run it starts from: the fields the stages share come
-    from --init's config.yaml (KEY=VALUE overrides still win), and what was taken is printed."""
-    from pathlib import Path
-
-    from diga_fast.config import apply_overrides, inherit_from_run, load_yaml, validate_recipe
-
-    saved = Path(init) / "config.yaml" if Path(init).is_dir() else Path(init).parent / "config.yaml"
-    if not saved.is_file():
-        return
-    taken = inherit_from_run(recipe, load_yaml(saved))
-    validate_recipe(apply_overrides(recipe, overrides))
-    if taken:
-        click.echo(f"from {saved}: {', '.join(taken)}", err=True)
-
-
 @train.command("self")
 @click.option("--init", "init", type=click.Path(), default=None, help="Warm-up run folder (or student .safetensors) to adapt.")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True, help="Self-training rounds (each relabels with the last student).")
@@ -147,6 +124,7 @@ def train_self_command(init, rounds, out, device, resume, force, **options) -> N
     Probability labels and initial centroids are made from --init unless
     self_training.pseudo_labels=DIR / self_training.centroids=FILE name existing ones.
     Ablations: self_training.labels=consensus|prob|feat|threshold, self_training.metric=cosine|l2."""
+    from diga_fast.stages.recipes import inherit_init_recipe
     from diga_fast.stages.self_training import train_self_rounds
 
     recipe = resolve_recipe("self", out=out, resume=resume, **_fold_flags(options))

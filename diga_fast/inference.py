@@ -23,13 +23,18 @@ from diga_fast.config import Recipe
 from diga_fast.data.build import eval_target_datasets, target_val_dataset
 from diga_fast.labels import LabelSpace
 from diga_fast.errors import DigaError
-from diga_fast.metrics import ConfusionMatrix, summarize, target_row
+from diga_fast.metrics import ConfusionMatrix, summarize
 from diga_fast.models import SegmentationModel
 from diga_fast.models.predict import LogitsFn, predict_logits
 from diga_fast.utils import dist
 from diga_fast.utils.io import save_png
 
 Progress = Callable[[int, int], None]  # progress(done, total), e.g. engine.logging.progress_callback's
+
+
+def target_row(target: str, summary: dict) -> dict:
+    """One row of a several-dataset evaluation: ``{"target": "KIND:ROOT", "miou", "iou", "num_classes"}``."""
+    return {"target": target, "miou": summary["miou"], "iou": summary["iou"], "num_classes": summary["num_classes"]}
 
 
 @torch.no_grad()
@@ -104,7 +109,7 @@ def evaluate_datasets(
 def evaluate_generalisation(model: SegmentationModel, recipe: Recipe, label_space: LabelSpace, device: torch.device,
                             progress_for: Callable[[str], contextlib.AbstractContextManager[Progress]] | None = None) -> list[dict]:
     """The generalisation table: val mIoU of ``model`` on each of ``train.eval_targets`` with the recipe's
-    inference settings, one :func:`diga_fast.metrics.target_row` per dataset."""
+    inference settings, one :func:`target_row` per dataset."""
     results = evaluate_datasets(model, eval_target_datasets(recipe, label_space), label_space, device, progress_for,
                                 scales=recipe.data.eval_scales, max_images=recipe.data.eval_max_images,
                                 bf16=recipe.train.bf16)

@@ -117,10 +117,10 @@ def test_unwritable_out_fails_before_training(tmp_path, capsys, case):
         parent = tmp_path / "locked"
         parent.mkdir()
         parent.chmod(0o500)
-        out, fragment = parent / "run", "cannot write to --out"
+        out, fragment = parent / "run", "is not writable"
     elif case == "parent is a file":
         (tmp_path / "file").write_text("")
-        out, fragment = tmp_path / "file" / "run", "cannot write to --out"
+        out, fragment = tmp_path / "file" / "run", "is not a folder"
     else:
         (tmp_path / "run").write_text("")
         out, fragment = tmp_path / "run", "is a file"  # click's own check of --out

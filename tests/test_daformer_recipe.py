@@ -2,7 +2,7 @@
 AdamW optimiser with DAFormer's warm-up-then-poly schedule."""
 
 import pytest
-from diga_fast.cli.common import resolve_recipe
+from diga_fast.stages.recipes import resolve_recipe
 
 from diga_fast.config import preset_recipe, validate_recipe
 from diga_fast.engine.optim import build_optimizer, lr_factor

@@ -269,12 +269,15 @@ def test_eval_several_targets_with_onnx(tmp_path, capsys, monkeypatch, synth, ch
     model = load_model(checkpoint)[0].eval()
 
     class Session:
-        provider = "stand-in"
+        provider, returns_labels, label_space, num_classes = "stand-in", False, CITYSCAPES19, CITYSCAPES19.num_classes
+
+        def __init__(self, path, device=None):
+            pass
 
         def __call__(self, images):
             return model(images)[0]
 
-    monkeypatch.setattr("diga_fast.cli.evaluate._onnx_segmenter", lambda *args: (Session(), CITYSCAPES19))
+    monkeypatch.setattr("diga_fast.export.runtime.OnnxSegmenter", Session)
     targets = [_spec(synth, "mapillary"), _spec(synth, "darkzurich")]
     via_onnx, via_torch = tmp_path / "onnx.json", tmp_path / "torch.json"
     printed = []

@@ -14,7 +14,8 @@ from PIL import Image
 from rich.console import Console
 
 from diga_fast.labels import CITYSCAPES19, SYNTHIA16
-from diga_fast.metrics import ConfusionMatrix, iou_table, summarize
+from diga_fast.cli.tables import iou_table
+from diga_fast.metrics import ConfusionMatrix, summarize
 
 
 def test_hand_computed_example():

@@ -16,7 +16,8 @@ from diga_fast.config import DataConfig, preset_recipe
 from diga_fast.labels import CITYSCAPES19, SYNTHIA16
 from diga_fast.data.synthetic import SyntheticDomain
 from diga_fast.engine.logging import progress_bar, progress_callback, save_grid
-from diga_fast.metrics import ConfusionMatrix, iou_table, summarize
+from diga_fast.cli.tables import iou_table
+from diga_fast.metrics import ConfusionMatrix, summarize
 
 from cli_helpers import FAST, TINY, assert_one_line_error, run, tiny_source_run
 
@@ -225,7 +226,7 @@ def test_demo_refuses_a_file_as_its_folder(tmp_path, capsys):
 
 # ------------------------------------------------------------------ one val size everywhere
 def test_eval_and_data_synth_use_the_training_val_size(tmp_path, capsys, trained, monkeypatch):
-    import diga_fast.data as data
+    import diga_fast.stages.evaluation as evaluation
     from diga_fast.errors import DigaError
 
     assert preset_recipe("demo", "self").data.synthetic_val_images == DataConfig.synthetic_val_images == 200
@@ -235,7 +236,7 @@ def test_eval_and_data_synth_use_the_training_val_size(tmp_path, capsys, trained
         sizes.append((kwargs["split"], kwargs.get("synthetic_images")))
         raise DigaError("stop here")
 
-    monkeypatch.setattr(data, "build_dataset", record)
+    monkeypatch.setattr(evaluation, "build_dataset", record)
     run(capsys, "eval", "--checkpoint", trained)
     run(capsys, "eval", "--checkpoint", trained, "--split", "train")
     assert sizes == [("val", DataConfig.synthetic_val_images), ("train", DataConfig.synthetic_train_images)]

@@ -23,7 +23,8 @@ from PIL import Image
 from diga_fast.data import ACDC_CONDITIONS
 from diga_fast.labels import CITYSCAPES19, IGNORE_INDEX, LabelSpace
 from diga_fast.data.labels import MAPILLARY_MAX_ID, mapillary_rows, train_id_lut
-from diga_fast.data.layouts import _check, _cityscapes_palette, _save_rgb
+from diga_fast.data.layouts import _check, _cityscapes_palette, _save_rgb, write_cityscapes_layout, write_gta5_layout
+from diga_fast.errors import DigaError
 
 __all__ = [
     "write_acdc_layout",
@@ -172,3 +173,41 @@ def write_target_scene(root: str | os.PathLike, split: str, index: int, image: n
         for other in ("day", "twilight"):
             write_darkzurich_layout(root / "darkzurich", split, [(frame, image, None)], condition=other,
                                     label_space=label_space)
+
+
+BUILTIN_LAYOUTS = ("gta5", "cityscapes", "bdd100k", "mapillary", "acdc", "darkzurich", "folder")
+
+
+def write_builtin_pair(root: Path, train_images: int, val_images: int, seed: int = 0, tick=None) -> None:
+    """The built-in pair in the real layouts: ``root/gta5`` (the source, GTA5's images/ and labels/ with
+    Cityscapes label ids), ``root/cityscapes`` (the target's train and val splits) and the target scenes
+    in every other layout of :data:`BUILTIN_LAYOUTS`. ``tick(n)`` after each of the 2·train + val scenes.
+    A folder that already holds one of the layouts is refused."""
+    from diga_fast.data.synthetic import render_scene
+
+    taken = [name for name in BUILTIN_LAYOUTS if (root / name).exists()]
+    if taken:
+        raise DigaError(f"{root} already holds {', '.join(f'{name}/' for name in taken)}; choose an empty folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DigaError(f"cannot create {root}: {err.strerror or err}") from None
+    written = [0]
+
+    def scenes(domain: str, split: str, count: int):
+        for index in range(count):
+            image, label = render_scene(domain, split, index, seed)
+            if domain == "target":
+                write_target_scene(root, split, index, image, label)
+            yield f"{index:05d}", image, label
+            written[0] += 1
+            if tick is not None:
+                tick(written[0])
+
+    try:
+        write_gta5_layout(root / "gta5", scenes("source", "train", train_images))
+        write_cityscapes_layout(root / "cityscapes", "train", scenes("target", "train", train_images))
+        write_cityscapes_layout(root / "cityscapes", "val", scenes("target", "val", val_images))
+    except OSError as err:
+        raise DigaError(f"cannot write the pair into {root}: {err.strerror or err}") from None
+

@@ -4,7 +4,7 @@ A user who translated the source once with an external model (the official DiGA 
 SYNTHIA translated by its CycleGAN; ``diga translate`` writes the same from a ``diga train
 translator`` run) points ``translator.folder`` at a folder holding one image per source image, named
 after it: ``FOLDER/NAME.png`` (or ``.jpg``/``.jpeg``), ``NAME`` being the source dataset's sample name
-(``00001`` for GTA5, sub-folders kept).
+(``00001`` for GTA5, sub-folders kept). :func:`write_translated` writes such a folder.
 
 :class:`TranslatedSource` wraps the source dataset and adds ``"translated"`` to each sample. The two
 images must stay pixel-aligned with the label, so the translated image goes through the *same*
@@ -97,3 +97,29 @@ class TranslatedSource(Dataset):
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def write_translated(dataset, translate, root: Path, progress=None) -> int:
+    """``root/NAME.png`` for every image of ``dataset`` (``dataset.names``, ``dataset.read``), as
+    ``translate`` maps it ([H, W, 3] uint8 -> [H, W, 3] uint8). Images already there are kept (each file
+    is written atomically), so an interrupted run resumes; returns how many were written.
+    ``progress(done, total)`` follows the images."""
+    from diga_fast.utils.io import atomic_write
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DigaError(f"cannot create {root}: {err.strerror or err}") from None
+    written = 0
+    for index, name in enumerate(dataset.names):
+        path = root / f"{name}.png"
+        if not path.is_file():
+            image, _ = dataset.read(index)
+            pixels = translate(image)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp, pixels=pixels: Image.fromarray(pixels).save(tmp, format="PNG"))
+            written += 1
+        if progress is not None:
+            progress(index + 1, len(dataset.names))
+    return written
+

@@ -27,25 +27,19 @@ from diga_fast.errors import DigaError
 from diga_fast.models import SegmentationModel
 from diga_fast.models.io import load_state_checked, save_weights
 from diga_fast.utils import dist
-from diga_fast.utils.io import atomic_write, torch_load_error, write_json
+from diga_fast.utils.io import atomic_write, run_problem, torch_load_error, write_json
 
 MIN_FREE_BYTES = 64 * 2**20  # a run folder's disk must have this much free before training starts
 
 
 def prepare_run_dir(out: str | Path, resume: bool) -> Path:
-    """Create (or, with ``resume``, reopen) a run folder; refuse to overwrite another run, and fail
-    before training when the folder cannot be written or its disk is nearly full."""
+    """Create (or, with ``resume``, reopen) a run folder: the last check of
+    :func:`~diga_fast.utils.io.run_problem` (a stage may be started without a command's
+    ``check_out_folder``), then fail before training when the folder cannot be written or its disk is
+    nearly full."""
     out = Path(out)
-    if resume:
-        if not (out / "state.pt").is_file():
-            raise DigaError(f"--resume: {out} holds no state.pt to resume from")
-    else:
-        if out.exists() and not out.is_dir():
-            raise DigaError(f"--out {out} exists and is not a folder")
-        if (out / "state.pt").exists():
-            raise DigaError(f"--out {out} already holds a run; pass --resume to continue it or choose another folder")
-    # A folder with a config.yaml but no state.pt is a start that failed before its first checkpoint:
-    # starting again in it loses nothing.
+    if problem := run_problem(out, resume):
+        raise DigaError(problem)
     _check_free_space(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ segmentation model, and an ONNX Runtime wrapper for prediction, evaluation and t
 Every exported graph is ``InferenceWrapper``: image -> logits at input resolution (or labels).
 """
 
-from diga_fast.export.api import FORMATS, ExportResult, export_model
+from diga_fast.export.api import FORMATS, ExportResult, export_checkpoint, export_model
 from diga_fast.export.onnx import OPSET, export_onnx
 from diga_fast.export.pt2 import export_pt2, load_pt2
 from diga_fast.export.runtime import OnnxSegmenter, physical_cores, read_onnx_metadata
@@ -24,7 +24,7 @@ from diga_fast.export.verify import (
 from diga_fast.export.wrapper import InferenceWrapper, label_space_from_metadata
 
 __all__ = [
-    "FORMATS", "OPSET", "ExportResult", "InferenceWrapper", "OnnxSegmenter", "Parity", "export_model",
+    "FORMATS", "OPSET", "ExportResult", "InferenceWrapper", "OnnxSegmenter", "Parity", "export_checkpoint", "export_model",
     "export_onnx", "export_pt2", "export_torchscript", "foreign_fx_targets", "foreign_onnx_ops",
     "foreign_torchscript_ops", "label_space_from_metadata", "load_pt2", "load_torchscript",
     "measure_parity", "physical_cores", "read_onnx_metadata",

@@ -36,7 +36,9 @@ from diga_fast.export.wrapper import (
     export_metadata,
     weight_bytes,
 )
+from diga_fast.labels import get_label_space
 from diga_fast.models import SegmentationModel
+from diga_fast.models.io import load_model
 from diga_fast.utils.io import check_output_file, make_parent
 
 FORMATS = ("onnx", "torchscript", "pt2")
@@ -102,6 +104,19 @@ def export_model(
         if log:
             log(results[-1].summary())
     return results
+
+
+def export_checkpoint(checkpoint: str | Path, targets: dict[str, str | Path], *, argmax: bool = False,
+                      fp16: bool = False, log: Callable[[str], None] | None = None, **options) -> list[ExportResult]:
+    """``diga export``: :func:`export_model` of the model a run folder or weights file holds, in its label
+    space, with the checkpoint's metadata; ``log`` first gets a line on what goes in and out."""
+    model, meta = load_model(checkpoint)
+    space = get_label_space(meta["label_space"])
+    if log:
+        output = "labels int64 [B, H, W]" if argmax else f"logits float32 [B, {model.num_classes}, H, W]"
+        log(f"{model.arch} ({model.num_classes} classes, {space.name}) from {checkpoint}: image float32 "
+            f"[B, 3, H, W] -> {output}, {'fp16' if fp16 else 'fp32'} compute")
+    return export_model(model, space, targets, checkpoint_meta=meta, argmax=argmax, fp16=fp16, log=log, **options)
 
 
 def _export_one(fmt: str, path: Path, wrapper: InferenceWrapper, reference: InferenceWrapper,

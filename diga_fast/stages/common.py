@@ -35,9 +35,8 @@ from diga_fast.engine.device import resolve_device, seed_everything, set_threads
 from diga_fast.engine.logging import console, progress_callback
 from diga_fast.engine.optim import build_optimizer, set_poly_lr
 from diga_fast.engine.run import TrainingRun, load_state
-from diga_fast.inference import evaluate_generalisation, evaluate_on_target
+from diga_fast.inference import evaluate_generalisation, evaluate_on_target, target_row
 from diga_fast.kernels import default_backend
-from diga_fast.metrics import target_row
 from diga_fast.models import SegmentationModel, build_model
 from diga_fast.utils.dist import ShardedGenerator
 
@@ -178,7 +177,7 @@ class Stage:
     def evaluate(self, model: SegmentationModel, final: bool = False) -> dict:
         """Target-val summary of ``model``; with ``train.eval_targets``, at the end of the run (``final``) or
         on every evaluation when ``train.select_on_val`` is on, also the generalisation table (``"targets"``:
-        a :func:`~diga_fast.metrics.target_row` of the target, then one of each ``train.eval_targets``)."""
+        a :func:`~diga_fast.inference.target_row` of the target, then one of each ``train.eval_targets``)."""
         with progress_callback("eval") as progress:
             summary = evaluate_on_target(model, self.recipe, self.label_space, self.device, progress=progress)
         if self.recipe.train.eval_targets and (final or self.recipe.train.select_on_val):

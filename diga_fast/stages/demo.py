@@ -29,12 +29,11 @@ from rich.text import Text
 from diga_fast.config import Recipe, absolute_paths, apply_overrides, choose_network, preset_recipe, validate_recipe
 from diga_fast.labels import get_label_space
 from diga_fast.engine.device import resolve_device
-from diga_fast.errors import DigaError
 from diga_fast.models.io import load_model
 from diga_fast.stages.self_training import train_self_rounds
 from diga_fast.stages.source_only import train_source
 from diga_fast.stages.warmup import train_warmup
-from diga_fast.utils.io import folder_problem, write_json
+from diga_fast.utils.io import check_out_folder, write_json
 
 console = Console(stderr=True)
 
@@ -52,13 +51,7 @@ def run_demo(out: str | Path, device: str | None = None, seed: int = 0, oracle: 
              rounds: int = 2, overrides: tuple[str, ...] = (), export: bool = True, arch: str | None = None,
              pretrained: str | None = None) -> dict:
     begin = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DigaError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        raise DigaError(f"--out {out} is not empty; choose a new folder for the demo")
-    if problem := folder_problem(out):
-        raise DigaError(f"--out {out}: {problem}")
+    out = check_out_folder(out, force=None)  # a new or empty folder
 
     def recipe(stage: str) -> Recipe:
         return demo_recipe(stage, seed, overrides, arch, pretrained)

@@ -1,5 +1,6 @@
 """Files written whole or not at all: every file goes to a temporary name beside its final one and is
-renamed into place, so a crash never leaves a half-written checkpoint, image or JSON behind."""
+renamed into place, so a crash never leaves a half-written checkpoint, image or JSON behind. And the
+``--out`` rules of every command (:func:`check_out_folder`), which the run folder applies too."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+
+from diga_fast.errors import DigaError
 
 
 def _current_umask() -> int:
@@ -99,3 +103,57 @@ def make_parent(path: str | Path, option: str = "output") -> Path:
     except OSError as err:
         raise DigaError(f"{option}: cannot create folder {path.parent}: {err.strerror or err}") from None
     return path
+
+
+def _saved_stage(config: Path) -> str | None:
+    """The ``stage`` a run folder's config.yaml names (None when unreadable)."""
+    try:
+        values = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return values.get("stage") if isinstance(values, dict) else None
+
+
+def run_problem(out: Path, resume: bool) -> str | None:
+    """What stops a run from starting in ``out`` whatever else is asked: not a folder; on ``resume`` no
+    run to resume; otherwise a run already there (its ``state.pt``)."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} exists and is not a folder"
+    if resume:
+        return None if (out / "state.pt").is_file() else f"--resume: {out} holds no state.pt to resume from"
+    if (out / "state.pt").exists():
+        return f"--out {out} already holds a run; pass --resume to continue it or choose another folder"
+    return None
+
+
+def check_out_folder(out: str | Path, stage: str | None = None, resume: bool = False,
+                     force: bool | None = False) -> Path:
+    """The ``--out`` rules of every command, before any work starts: refuse a folder that cannot be
+    written, and a non-empty one unless it is this stage's run being resumed, the leftovers of this
+    stage's start that failed before its first checkpoint (``config.yaml``, no ``state.pt``: starting
+    again loses nothing), or ``force`` is set (then a run's ``state.pt`` there is removed, so the new
+    run replaces it instead of refusing to). ``force=None``: the command has no ``--force``."""
+    out = Path(out)
+    if problem := folder_problem(out):
+        raise DigaError(f"--out {out}: {problem}")
+    if resume or not out.exists():
+        if problem := run_problem(out, resume):
+            raise DigaError(problem)
+        return out
+    if not out.is_dir():
+        raise DigaError(f"--out {out} exists and is not a folder")
+    entries = list(out.iterdir())
+    if not entries:
+        return out
+    if force:
+        for state in (out / "state.pt", *out.glob("round_*/state.pt")):
+            state.unlink(missing_ok=True)
+        return out
+    if stage is not None and not (out / "state.pt").exists() and (out / "config.yaml").is_file():
+        if _saved_stage(out / "config.yaml") == stage:
+            return out
+    what = "a run" if (out / "state.pt").exists() else f"{len(entries)} entries"
+    ways = [*(["--resume the run in it"] if (out / "state.pt").exists() else []),
+            *(["pass --force to write into it"] if force is not None else [])]
+    raise DigaError(f"--out {out} is not empty (it holds {what}); choose a new folder"
+                    + "".join(f"{', ' if i < len(ways) - 1 else ' or '}{way}" for i, way in enumerate(ways)))

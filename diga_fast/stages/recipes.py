@@ -1,0 +1,95 @@
+"""The recipe a command names: preset -> --config -> named options -> KEY=VALUE overrides (or, on
+--resume, the run's own config.yaml), checked, with absolute paths; what self-training takes over from
+the run it starts from; and the self-training recipe of the labelling commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diga_fast.config import (
+    DAFORMER_ARCHS,
+    Recipe,
+    absolute_paths,
+    apply_overrides,
+    choose_network,
+    inherit_from_run,
+    load_yaml,
+    preset_recipe,
+    recipe_from_dict,
+    validate_recipe,
+)
+from diga_fast.data import parse_dataset_spec, split_dataset_specs
+from diga_fast.engine.logging import console
+from diga_fast.errors import DigaError
+
+
+def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset: str | None,
+                   config_file: str | None, arch: str | None, pretrained: str | None, iters: int | None,
+                   seed: int | None, bf16: bool | None, resume: bool, out: str, overrides: tuple[str, ...],
+                   check: bool = True) -> Recipe:
+    """Preset -> --config -> named options -> KEY=VALUE overrides; paths in it made absolute. On
+    --resume the run's own config.yaml is the recipe: only --iters and overrides may change it, and
+    any other recipe option is refused rather than silently ignored. ``check=False`` skips the checks
+    (``diga recipe show`` prints a recipe that still lacks its weights or translator)."""
+    if resume:
+        ignored = [name for name, value in (("--source", source), ("--target", target), ("--preset", preset),
+                                             ("--config", config_file), ("--model", arch), ("--pretrained", pretrained),
+                                             ("--seed", seed), ("--bf16/--no-bf16", bf16)) if value is not None]
+        if ignored:
+            raise DigaError(f"--resume continues {out} with its own config.yaml; {', '.join(ignored)} cannot change it "
+                            "(only --iters and KEY=VALUE overrides can)")
+        run_dir = Path(out) if (Path(out) / "config.yaml").is_file() else Path(out) / "round_1"  # self --rounds
+        saved = run_dir / "config.yaml"
+        if not (run_dir / "state.pt").is_file() or not saved.is_file():
+            raise DigaError(f"--resume: {out} holds no state.pt and config.yaml to resume from")
+        values = load_yaml(saved)
+        if values.get("stage", stage) != stage:
+            raise DigaError(f"--resume: {out} is a {values.get('stage')!r} run, not a {stage!r} run "
+                            f"(continue it with `diga train {values.get('stage')} --resume --out {out}`)")
+        recipe = recipe_from_dict(values, base=preset_recipe(values.get("preset", "demo"), stage))
+    else:
+        source, target = source or "synthetic", target or "synthetic"
+        source_spec, target_spec = parse_dataset_spec(source), parse_dataset_spec(target)
+        if preset is None:
+            preset = "demo" if source_spec.is_synthetic and target_spec.is_synthetic else (
+                "paper-daformer" if arch in DAFORMER_ARCHS else "paper")
+        recipe = preset_recipe(preset, stage, source, target)
+        if config_file:
+            recipe = recipe_from_dict(load_yaml(config_file), base=recipe)
+            recipe.stage = stage
+        choose_network(recipe, arch, pretrained)
+        if seed is not None:
+            recipe.train.seed = seed
+        if bf16 is not None:
+            recipe.train.bf16 = bf16
+    if iters is not None:
+        recipe.train.iters = iters
+    recipe = apply_overrides(recipe, overrides)
+    return absolute_paths(validate_recipe(recipe) if check else recipe)
+
+
+def labelling_recipe(target: str | None, preset: str | None, config_file: str | None, seed: int | None,
+                     overrides: tuple[str, ...]) -> Recipe:
+    """The self-training recipe these options resolve to (its target, pair size, seed, scales)."""
+    return resolve_recipe("self", source="synthetic", target=target, preset=preset, config_file=config_file,
+                          arch=None, pretrained=None, iters=None, seed=seed, bf16=None, resume=False, out="",
+                          overrides=overrides)
+
+
+def inherit_init_recipe(recipe, init: str, overrides: tuple[str, ...]) -> None:
+    """Self-training continues the recipe of the run it starts from: the fields the stages share come
+    from --init's config.yaml (KEY=VALUE overrides still win), and what was taken is printed."""
+    saved = Path(init) / "config.yaml" if Path(init).is_dir() else Path(init).parent / "config.yaml"
+    if not saved.is_file():
+        return
+    taken = inherit_from_run(recipe, load_yaml(saved))
+    validate_recipe(apply_overrides(recipe, overrides))
+    if taken:
+        console.print(f"from {saved}: {', '.join(taken)}", highlight=False)
+
+
+def eval_targets_override(text: str) -> str:
+    """``--eval-targets KIND:ROOT,...`` as the override ``train.eval_targets=[...]`` (which --resume takes
+    too): a comma starts a new dataset only where a dataset kind follows it."""
+    return f"train.eval_targets={json.dumps(split_dataset_specs(text))}"
