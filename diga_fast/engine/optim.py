@@ -1,11 +1,12 @@
-"""The optimiser of the segmentation stages and its schedule: SGD (method.md Stage 1 step 5) or, for the
-DAFormer network, AdamW as DAFormer trains it; poly decay, optionally after a linear warm-up."""
+"""The optimisers and their schedule: SGD for the segmentation stages (method.md Stage 1 step 5) or, for
+the DAFormer network, AdamW as DAFormer trains it; Adam for the translator's generators and
+discriminators (Stage 0); poly decay, optionally after a linear warm-up."""
 
 from __future__ import annotations
 
 import torch
 
-from diga_fast.config import Recipe
+from diga_fast.config import Recipe, TranslatorConfig
 from diga_fast.models import SegmentationModel
 from diga_fast.utils import dist
 
@@ -36,6 +37,12 @@ def _adamw(model: SegmentationModel, recipe: Recipe) -> torch.optim.AdamW:
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
                              weight_decay=cfg.weight_decay)
+
+
+def translator_optimizer(params, cfg: TranslatorConfig) -> torch.optim.Adam:
+    """Adam at ``translator.lr`` with ``translator.betas`` (official: 1e-4, 0.5/0.999), one group with
+    its ``base_lr`` for :func:`set_poly_lr`."""
+    return torch.optim.Adam([{"params": params, "lr": cfg.lr, "base_lr": cfg.lr}], lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def lr_factor(step: int, total: int, power: float, warmup_iters: int = 0, warmup_ratio: float = 1e-6) -> float:

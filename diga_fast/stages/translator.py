@@ -17,20 +17,17 @@ from pathlib import Path
 
 import torch
 
-from diga_fast.config import Recipe, TranslatorConfig
+from diga_fast.config import Recipe
 from diga_fast.data import build_dataset
 from diga_fast.data.transforms import translator_transform
 from diga_fast.engine.device import autocast
 from diga_fast.engine.logging import console, save_image_rows
+from diga_fast.engine.optim import translator_optimizer
 from diga_fast.errors import DigaError
 from diga_fast.method.gan_losses import TranslatorNets, discriminator_loss, generator_forward, generator_losses
 from diga_fast.models.io import TRANSLATOR_FILE, load_state_checked, load_vgg_features, save_translator
 from diga_fast.stages.common import Stage
 from diga_fast.utils import dist
-
-
-def _adam(params, cfg: TranslatorConfig) -> torch.optim.Adam:
-    return torch.optim.Adam([{"params": params, "lr": cfg.lr, "base_lr": cfg.lr}], lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def train_translator(recipe: Recipe, out: str | Path, device: str | None = None, resume: bool = False) -> dict:
@@ -51,7 +48,8 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
     )
     run = stage.open_run(check_target_val=False)
     nets = TranslatorNets(cfg.width, cfg.n_res).to(stage.device)
-    opt_g, opt_d = _adam(nets.generator_parameters(), cfg), _adam(nets.discriminator_parameters(), cfg)
+    opt_g = translator_optimizer(nets.generator_parameters(), cfg)
+    opt_d = translator_optimizer(nets.discriminator_parameters(), cfg)
     extras = stage.restore({}, None)
     if resume:
         if "nets" not in extras:
