@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from diga_fast.errors import DigaError
+from diga_fast.errors import DigaError, Stopped
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     except DigaError as err:
         click.echo(f"diga: error: {err}", err=True)
         sys.exit(2)
+    except Stopped as stop:  # SIGTERM / SIGUSR1 / SIGINT in a training loop: checkpoint written
+        click.echo(f"diga: {stop}", err=True)
+        sys.exit(stop.exit_status)
     except KeyboardInterrupt:
         click.echo("diga: interrupted", err=True)
         sys.exit(130)

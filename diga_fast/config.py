@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from diga_fast.errors import DigaError
+from diga_fast.utils.io import parse_yaml
 
 Size = tuple[int, int]
 
@@ -396,6 +398,14 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message stays one readable line."""
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxlist, shortener.maxdict, shortener.maxstring = 3, 8, 8, 60
+    text = shortener.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` (from YAML or the command line) against a field's type annotation."""
     origin = typing.get_origin(annotation)
@@ -409,23 +419,23 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except DigaError as err:
                 errors.append(str(err))
-        raise DigaError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise DigaError(errors[0] if errors else f"{key}: bad value {_short(value)}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise DigaError(f"{key}: expected a list, got {value!r}")
+            raise DigaError(f"{key}: expected a list, got {_short(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
-            raise DigaError(f"{key}: expected {len(args)} values, got {value!r}")
+            raise DigaError(f"{key}: expected {len(args)} values, got {_short(value)}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise DigaError(f"{key}: expected true or false, got {value!r}")
+        raise DigaError(f"{key}: expected true or false, got {_short(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise DigaError(f"{key}: expected an integer, got {value!r}")
+        raise DigaError(f"{key}: expected an integer, got {_short(value)}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -434,11 +444,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise DigaError(f"{key}: expected a number, got {value!r}")
+        raise DigaError(f"{key}: expected a number, got {_short(value)}")
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise DigaError(f"{key}: expected a string, got {value!r}")
+        raise DigaError(f"{key}: expected a string, got {_short(value)}")
     raise DigaError(f"{key}: unsupported field type {annotation!r}")  # pragma: no cover
 
 
@@ -456,7 +466,7 @@ def _update(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise DigaError(f"{path}: expected a mapping of its fields, got {value!r}")
+                raise DigaError(f"{path}: expected a mapping of its fields, got {_short(value)}")
             _update(current, value, prefix=f"{path}.")
         else:
             if isinstance(value, bool) and path in LEGACY_VALUES:
@@ -473,7 +483,7 @@ def recipe_from_dict(values: dict[str, Any], base: Recipe | None = None) -> Reci
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise DigaError(f"config file not found: {path}") from None
     except (OSError, yaml.YAMLError) as err:
@@ -491,11 +501,12 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise DigaError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.01)")
+            raise DigaError(f"override {_short(item)} is not of the form key=value (e.g. optim.lr=0.01)")
         try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            raise DigaError(f"override {item!r}: cannot parse value {text!r}") from None
+            value = parse_yaml(text) if text != "" else ""
+        except yaml.YAMLError as err:
+            raise DigaError(f"override {_short(item)}: cannot parse value {_short(text)} "
+                            f"({str(err).splitlines()[0]})") from None
         nested: dict[str, Any] = {}
         cursor = nested
         parts = key.split(".")
@@ -599,7 +610,7 @@ def validate_recipe(recipe: Recipe) -> Recipe:
     for path, allowed in CHOICES.items():
         value = _field(recipe, path)
         if value not in allowed:
-            raise DigaError(f"{'.'.join(path)}={value!r}; choose from {', '.join(allowed)}")
+            raise DigaError(f"{'.'.join(path)}={_short(value)}; choose from {', '.join(allowed)}")
     for path, allowed in RANGES.items():
         value, key = _field(recipe, path), ".".join(path)
         if value is None:

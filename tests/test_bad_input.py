@@ -284,3 +284,46 @@ def test_select_on_val_keeps_the_best_and_later_commands_take_it(tmp_path, capsy
     assert_one_line_error(code, err, "needs train.eval_every > 0")
     recipe = yaml.safe_load((out / "config.yaml").read_text())
     assert recipe["train"]["select_on_val"] is True  # what --select-on-val sets
+
+
+# ------------------------------------------------------------------ faults: config bombs, finished runs
+BOMB = "[&a [l,l,l,l,l,l,l,l,l], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], " \
+       "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]]"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["override", "config file", "run folder config.yaml"])
+def test_a_yaml_alias_bomb_is_one_line_at_once(tmp_path, capsys, trained, where):
+    """Nested aliases (a few hundred bytes that expand to gigabytes) are refused as they are read,
+    wherever a recipe comes from: a KEY=VALUE, --config, or a run folder's config.yaml (--init/--resume)."""
+    out = tmp_path / "run"
+    if where == "override":
+        code, _, err = run(capsys, "train", "source", "--out", out, "--iters", "1", *FAST, f"data.crop={BOMB}")
+    elif where == "config file":
+        (tmp_path / "bomb.yaml").write_text(f"data:\n  crop: {BOMB}\n")
+        code, _, err = run(capsys, "train", "source", "--out", out, "--iters", "1", "--config", tmp_path / "bomb.yaml", *FAST)
+    else:
+        saved = trained / "config.yaml"
+        folder = tmp_path / "init"
+        folder.mkdir()
+        for weights in trained.glob("*.safetensors"):
+            (folder / "student.safetensors").write_bytes(weights.read_bytes())
+        (folder / "config.yaml").write_text(saved.read_text() + f"\nbomb: {BOMB}\n")
+        code, _, err = run(capsys, "train", "self", "--init", folder, "--out", out, "--iters", "1", *FAST)
+    assert_one_line_error(code, err, "aliases")
+    assert len(err) < 2000 and not out.exists()
+
+
+def test_a_finished_run_without_its_state_is_not_overwritten(tmp_path, capsys, trained):
+    """state.pt deleted to save space: the weights still make it a run, refused without --force."""
+    folder = tmp_path / "done"
+    folder.mkdir()
+    for path in trained.iterdir():
+        if path.is_file() and path.name != "state.pt":
+            (folder / path.name).write_bytes(path.read_bytes())
+    before = (folder / "model.safetensors").read_bytes()
+    code, _, err = run(capsys, "train", "source", "--out", folder, "--iters", "1", *FAST)
+    assert_one_line_error(code, err, "a run")
+    assert (folder / "model.safetensors").read_bytes() == before
+    code, _, err = run(capsys, "train", "source", "--out", folder, "--iters", "1", "--force", *FAST)
+    assert code == 0, err

@@ -52,6 +52,7 @@ from diga_fast.labels import CITYSCAPES19, IGNORE_INDEX, LabelSpace
 from diga_fast.data.labels import MAPILLARY_MAX_ID, mapillary_lut, train_id_lut
 from diga_fast.data.transforms import _resize_image, _resize_label
 from diga_fast.errors import DigaError
+from diga_fast.utils.io import parse_yaml
 
 __all__ = ["ACDC", "BDD100K", "DarkZurich", "LabelledFolder", "Mapillary", "build_domain", "read_folder_label_map"]
 
@@ -243,7 +244,7 @@ def read_folder_label_map(path: Path) -> np.ndarray | None:
     train id (0..18) or 255 (ignore) it stands for; a value the map does not list is an error when read.
     Returns an int32 lookup table over 0..65535, -1 for unlisted values."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise DigaError(f"{path} not found: a folder with labels/ needs labels.yaml saying what the label values "
                         "are (labels: train_ids, or labels: {VALUE: TRAIN_ID, ...})") from None

@@ -27,7 +27,7 @@ from diga_fast.errors import DigaError
 from diga_fast.models import SegmentationModel
 from diga_fast.models.io import load_state_checked, save_weights
 from diga_fast.utils import dist
-from diga_fast.utils.io import atomic_write, run_problem, torch_load_error, write_json
+from diga_fast.utils.io import atomic_write, lock_run_folder, run_problem, torch_load_error, write_json
 
 MIN_FREE_BYTES = 64 * 2**20  # a run folder's disk must have this much free before training starts
 
@@ -118,6 +118,9 @@ class TrainingRun:
 
         def prepare() -> None:
             prepare_run_dir(out, resume)
+            lock_run_folder(self.dir)  # before anything is written; dropped by the stage's end (resumable)
+            for leftover in self.dir.glob(".*.tmp"):  # of a writer killed mid-write (atomic_write's names)
+                leftover.unlink(missing_ok=True)
             if not resume:
                 atomic_write(self.dir / "config.yaml", lambda tmp: save_yaml(recipe, tmp))
                 (self.dir / "metrics.jsonl").unlink(missing_ok=True)

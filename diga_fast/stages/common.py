@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,10 +37,13 @@ from diga_fast.engine.device import resolve_device, seed_everything, set_threads
 from diga_fast.engine.logging import console, progress_callback
 from diga_fast.engine.optim import build_optimizer, set_poly_lr
 from diga_fast.engine.run import TrainingRun, load_state
+from diga_fast.errors import Stopped
 from diga_fast.inference import evaluate_generalisation, evaluate_on_target, target_row
 from diga_fast.kernels import default_backend
 from diga_fast.models import SegmentationModel, build_model
+from diga_fast.utils import dist
 from diga_fast.utils.dist import ShardedGenerator
+from diga_fast.utils.io import unlock_run_folder
 
 _phase_timer = None  # what timing_phases installs: timer(name) -> context manager, timer.next_step()
 
@@ -69,7 +74,8 @@ def timing_phases(timer) -> Iterator[None]:
 def resumable(train: Callable[..., dict]) -> Callable[..., dict]:
     """A stage function ``train(recipe, out, ..., resume=...)`` whose ``--resume`` of a run that
     finished every step (``eval.json`` written, ``state.pt`` at ``train.iters``) does nothing but say
-    so and return the saved evaluation, instead of evaluating and logging it a second time."""
+    so and return the saved evaluation, instead of evaluating and logging it a second time; the run
+    folder's lock is dropped when the stage ends, however it ends."""
 
     @functools.wraps(train)
     def run_or_report(recipe: Recipe, out: str | Path, *args: Any, resume: bool = False, **kwargs: Any) -> dict:
@@ -78,9 +84,39 @@ def resumable(train: Callable[..., dict]) -> Callable[..., dict]:
             console.print(f"{out} already finished its {recipe.train.iters} steps: nothing to resume "
                           "(pass a larger --iters to train on)")
             return json.loads(done.read_text())
-        return train(recipe, out, *args, resume=resume, **kwargs)
+        try:
+            return train(recipe, out, *args, resume=resume, **kwargs)
+        finally:  # the run folder's lock (taken when the run opened it), however the stage ended
+            unlock_run_folder(Path(out))
 
     return run_or_report
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # preemption (SLURM, Kubernetes, torchrun), SLURM's --signal, Ctrl-C
+
+
+@contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While a training loop runs, the signals of :data:`STOP_SIGNALS` only note the request (the list
+    it yields) and the loop stops at the end of its step with a checkpoint; a second one acts as
+    before (SIGINT interrupts at once). Outside the main thread nothing changes."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum, frame) -> None:
+        if received:  # asked twice: no more waiting for the step to end
+            signal.signal(signum, previous[signum] if previous[signum] is not None else signal.SIG_DFL)
+            signal.raise_signal(signum)
+        received.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 class Stage:
@@ -95,6 +131,8 @@ class Stage:
         self.generator = ShardedGenerator(recipe.train.seed)  # augmentation and ClassMix draws
         self.run: TrainingRun | None = None
         self._tick: Callable[..., None] | None = None
+        # checkpoint_now(step): write the checkpoint of ``step`` (set by end_step, or by a loop of its own)
+        self.checkpoint_now: Callable[[int], None] | None = None
 
     def open_run(self, check_target_val: bool = True) -> TrainingRun:
         """The run folder (new, or reopened on --resume), once the target val split (and those of
@@ -149,9 +187,10 @@ class Stage:
     def steps(self, description: str, *optimizers: torch.optim.Optimizer) -> Iterator[tuple[int, float]]:
         """``(step, lr)`` from the run's step to ``train.iters``, the poly LR (after ``optim.warmup_iters``
         of linear warm-up) set on every optimiser, inside a progress bar and with the kernel backend the
-        recipe asks for."""
+        recipe asks for. A stop signal (:func:`stop_requests`) ends the loop after the step it came in:
+        every rank finishes that step, the checkpoint of it is written, and :class:`Stopped` says so."""
         total, optim = self.recipe.train.iters, self.recipe.optim
-        with self.run.progress(total, description) as self._tick, \
+        with self.run.progress(total, description) as self._tick, stop_requests() as received, \
                 default_backend(None if self.recipe.train.kernels == "auto" else self.recipe.train.kernels):
             for step in range(self.run.step, total):
                 lr = [set_poly_lr(optimizer, step, total, optim.poly_power, optim.warmup_iters, optim.warmup_ratio)
@@ -159,6 +198,17 @@ class Stage:
                 yield step, lr
                 if _phase_timer is not None:
                     _phase_timer.next_step()
+                if dist.any_rank(bool(received)):  # every rank stops after the same step
+                    self._stop(step + 1, received[0] if received else signal.SIGTERM)
+
+    def _stop(self, done: int, signum: int) -> None:
+        """Write the checkpoint of step ``done`` (unless the loop just did) and raise :class:`Stopped`."""
+        if self.run.last_saved_step != done:
+            self.checkpoint_now(done)
+        folder = self.out.parent if self.out.name.startswith("round_") else self.out
+        command = f"diga train {self.recipe.stage} --resume --out {folder}"
+        raise Stopped(signum, f"{signal.Signals(signum).name}: stopped after step {done} of "
+                              f"{self.recipe.train.iters}; its checkpoint is in {self.out}; continue with `{command}`")
 
     def end_step(self, done: int, loss: torch.Tensor, lr: float, modules: dict[str, SegmentationModel],
                  optimizer: torch.optim.Optimizer, evaluate: SegmentationModel,
@@ -168,6 +218,7 @@ class Stage:
         self.tick(done, loss=loss)
         if self.run.should_log(done):
             self.run.log(done, loss=loss, lr=lr, **log())
+        self.checkpoint_now = lambda step: self.run.save(step, modules, optimizer, extras() if self.run.is_main else None)
         self.run.checkpoint_and_evaluate(done, modules, optimizer, extras=extras, evaluate=lambda: self.evaluate(evaluate))
 
     def tick(self, done: int, **values: torch.Tensor) -> None:

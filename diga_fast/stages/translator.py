@@ -26,10 +26,11 @@ from diga_fast.engine.optim import translator_optimizer
 from diga_fast.errors import DigaError
 from diga_fast.method.gan_losses import TranslatorNets, discriminator_loss, generator_forward, generator_losses
 from diga_fast.models.io import TRANSLATOR_FILE, load_state_checked, load_vgg_features, save_translator
-from diga_fast.stages.common import Stage
+from diga_fast.stages.common import Stage, resumable
 from diga_fast.utils import dist
 
 
+@resumable
 def train_translator(recipe: Recipe, out: str | Path, device: str | None = None, resume: bool = False) -> dict:
     """Train the cycle-consistent translator; writes ``translator.safetensors`` (source->target
     generator) into the run folder. Returns {"translator": path, "iters": N, "perceptual": bool}."""
@@ -70,6 +71,7 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
         run.save(step, {}, None, extras={"nets": nets.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()})
 
     device, total = stage.device, recipe.train.iters
+    stage.checkpoint_now = save
     nets.train()
     images: dict[str, torch.Tensor] = {}
     for step, lr in stage.steps("translator", opt_g, opt_d):

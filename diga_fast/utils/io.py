@@ -105,10 +105,26 @@ def make_parent(path: str | Path, option: str = "output") -> Path:
     return path
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: a recipe or a dataset's labels.yaml never needs one, and nested aliases (a
+    "billion laughs" bomb) make a few hundred bytes expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"YAML aliases are not accepted (line {mark.line + 1}, column {mark.column + 1})")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` as YAML (safe types only, no aliases); raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _saved_stage(config: Path) -> str | None:
     """The ``stage`` a run folder's config.yaml names (None when unreadable)."""
     try:
-        values = yaml.safe_load(config.read_text())
+        values = parse_yaml(config.read_text())
     except (OSError, yaml.YAMLError):
         return None
     return values.get("stage") if isinstance(values, dict) else None
@@ -116,13 +132,17 @@ def _saved_stage(config: Path) -> str | None:
 
 def run_problem(out: Path, resume: bool) -> str | None:
     """What stops a run from starting in ``out`` whatever else is asked: not a folder; on ``resume`` no
-    run to resume; otherwise a run already there (its ``state.pt``)."""
+    run to resume; otherwise a run already there (its ``state.pt``, or the weights of a finished run
+    whose ``state.pt`` was deleted to save space)."""
     if out.exists() and not out.is_dir():
         return f"--out {out} exists and is not a folder"
     if resume:
         return None if (out / "state.pt").is_file() else f"--resume: {out} holds no state.pt to resume from"
     if (out / "state.pt").exists():
         return f"--out {out} already holds a run; pass --resume to continue it or choose another folder"
+    if weights := sorted(p.name for p in out.glob("*.safetensors")):
+        return (f"--out {out} holds the weights of a run ({', '.join(weights)}); choose another folder "
+                "or pass --force to replace it")
     return None
 
 
@@ -131,29 +151,83 @@ def check_out_folder(out: str | Path, stage: str | None = None, resume: bool = F
     """The ``--out`` rules of every command, before any work starts: refuse a folder that cannot be
     written, and a non-empty one unless it is this stage's run being resumed, the leftovers of this
     stage's start that failed before its first checkpoint (``config.yaml``, no ``state.pt``: starting
-    again loses nothing), or ``force`` is set (then a run's ``state.pt`` there is removed, so the new
-    run replaces it instead of refusing to). ``force=None``: the command has no ``--force``."""
+    again loses nothing), or ``force`` is set (then a run's ``state.pt`` and weights there are removed,
+    so the new run replaces it instead of refusing to). ``force=None``: the command has no ``--force``."""
     out = Path(out)
     if problem := folder_problem(out):
         raise DigaError(f"--out {out}: {problem}")
     if resume or not out.exists():
         if problem := run_problem(out, resume):
             raise DigaError(problem)
+        if resume:
+            check_not_in_use(out)
         return out
     if not out.is_dir():
         raise DigaError(f"--out {out} exists and is not a folder")
-    entries = list(out.iterdir())
+    check_not_in_use(out)
+    entries = [entry for entry in out.iterdir() if entry.name != LOCK_FILE]
     if not entries:
         return out
-    if force:
-        for state in (out / "state.pt", *out.glob("round_*/state.pt")):
-            state.unlink(missing_ok=True)
+    if force:  # the run there is replaced: its state and weights go first
+        for run_file in (out / "state.pt", *out.glob("round_*/state.pt"), *out.glob("*.safetensors"),
+                         *out.glob("round_*/*.safetensors")):
+            run_file.unlink(missing_ok=True)
         return out
-    if stage is not None and not (out / "state.pt").exists() and (out / "config.yaml").is_file():
+    if stage is not None and run_problem(out, False) is None and (out / "config.yaml").is_file():
         if _saved_stage(out / "config.yaml") == stage:
             return out
-    what = "a run" if (out / "state.pt").exists() else f"{len(entries)} entries"
+    what = "a run" if (out / "state.pt").exists() or any(out.glob("*.safetensors")) else f"{len(entries)} entries"
     ways = [*(["--resume the run in it"] if (out / "state.pt").exists() else []),
             *(["pass --force to write into it"] if force is not None else [])]
     raise DigaError(f"--out {out} is not empty (it holds {what}); choose a new folder"
                     + "".join(f"{', ' if i < len(ways) - 1 else ' or '}{way}" for i, way in enumerate(ways)))
+
+
+_locks: dict[Path, int] = {}  # run folder -> the open descriptor of its .lock, while this process writes it
+LOCK_FILE = ".lock"
+
+
+def _try_lock(out: Path) -> int:
+    """An open descriptor of ``out/.lock`` holding its exclusive lock; DigaError naming the holder when
+    another process has it."""
+    import fcntl
+
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DigaError(f"--out {out} is in use: process {holder} is writing a run there "
+                        "(wait for it to end, or choose another folder)") from None
+    return fd
+
+
+def check_not_in_use(out: Path) -> None:
+    """Refuse a run folder that another process is writing (its lock held), before anything in it is
+    touched (``--force`` would otherwise delete a live run's files)."""
+    out = Path(out).resolve()
+    if out in _locks or not (out / LOCK_FILE).is_file():
+        return
+    os.close(_try_lock(out))
+
+
+def lock_run_folder(out: Path) -> None:
+    """Take ``out/.lock`` for this process (``fcntl.flock``, exclusive): a second writer, a run or a
+    ``--resume``, gets one line naming the PID that holds it. The kernel drops the lock when its holder
+    dies, so a killed run never leaves a stale one; :func:`unlock_run_folder` drops it at the end."""
+    out = Path(out).resolve()
+    if out in _locks:
+        return
+    fd = _try_lock(out)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _locks[out] = fd
+
+
+def unlock_run_folder(out: Path) -> None:
+    """Drop this process's lock of ``out`` (nothing when it holds none)."""
+    fd = _locks.pop(Path(out).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
