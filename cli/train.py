@@ -45,6 +45,16 @@ def _fold_flags(options: dict) -> dict:
     return options
 
 
+def _resume_or_restart(out: str, resume: bool) -> tuple[bool, bool]:
+    """(resume, restarted): a worker torchelastic restarted after a failure resumes by itself."""
+    from diga_fast.stages.recipes import restarted_by_torchelastic
+
+    restarted = restarted_by_torchelastic(out, resume)
+    if restarted:
+        click.echo(f"torchelastic restart: resuming {out} from its last checkpoint", err=True)
+    return resume or restarted, restarted
+
+
 def _print_summary(summary: dict, title: str) -> None:
     """The target's per-class table, then the generalisation table when the run evaluated more datasets."""
 
@@ -68,7 +78,8 @@ def train_source_command(out, device, resume, force, **options) -> None:
     The oracle on the built-in pair: --source synthetic:target (trains on the target's labels)."""
     from diga_fast.stages.source_only import train_source
 
-    recipe = resolve_recipe("source", out=out, resume=resume, **_fold_flags(options))
+    resume, restarted = _resume_or_restart(out, resume)
+    recipe = resolve_recipe("source", out=out, resume=resume, restarted=restarted, **_fold_flags(options))
     check_out_folder(out, "source", resume, force)
     summary = train_source(recipe, out, device=device, resume=resume)
     _print_summary(summary, f"target val ({recipe.data.target}) after {recipe.train.iters} iterations")
@@ -87,7 +98,8 @@ def train_warmup_command(out, device, resume, force, **options) -> None:
     --eval-targets adds the paper's generalisation table (e.g. Cityscapes, BDD100K, Mapillary)."""
     from diga_fast.stages.warmup import train_warmup
 
-    recipe = resolve_recipe("warmup", out=out, resume=resume, **_fold_flags(options))
+    resume, restarted = _resume_or_restart(out, resume)
+    recipe = resolve_recipe("warmup", out=out, resume=resume, restarted=restarted, **_fold_flags(options))
     check_out_folder(out, "warmup", resume, force)
     summary = train_warmup(recipe, out, device=device, resume=resume)
     _print_summary(summary, f"student on target val ({recipe.data.target}) after {recipe.train.iters} warm-up iterations")
@@ -103,7 +115,8 @@ def train_translator_command(out, device, resume, force, **options) -> None:
     Use the result in later stages with translator.kind=cyclegan translator.checkpoint=RUN."""
     from diga_fast.stages.translator import train_translator
 
-    recipe = resolve_recipe("translator", out=out, resume=resume, arch=None, pretrained=None, **options)
+    resume, restarted = _resume_or_restart(out, resume)
+    recipe = resolve_recipe("translator", out=out, resume=resume, restarted=restarted, arch=None, pretrained=None, **options)
     check_out_folder(out, "translator", resume, force)
     summary = train_translator(recipe, out, device=device, resume=resume)
     console = _console()
@@ -127,7 +140,8 @@ def train_self_command(init, rounds, out, device, resume, force, **options) -> N
     from diga_fast.stages.recipes import inherit_init_recipe
     from diga_fast.stages.self_training import train_self_rounds
 
-    recipe = resolve_recipe("self", out=out, resume=resume, **_fold_flags(options))
+    resume, restarted = _resume_or_restart(out, resume)
+    recipe = resolve_recipe("self", out=out, resume=resume, restarted=restarted, **_fold_flags(options))
     check_out_folder(out, "self", resume, force)
     if not resume and init is not None:
         inherit_init_recipe(recipe, init, options["overrides"])

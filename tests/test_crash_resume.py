@@ -231,3 +231,25 @@ def test_a_stop_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, caps
     code, _, err = run(capsys, "train", "warmup", "--out", out, "--resume", "--iters", str(step + 2))
     assert code == 0, err
     assert torch.load(out / "state.pt", weights_only=True)["step"] == step + 2
+
+
+@pytest.mark.slow
+def test_a_torchelastic_restart_resumes_by_itself(tmp_path):
+    """torchrun --max-restarts repeats the first launch's command line (no --resume) with
+    TORCHELASTIC_RESTART_COUNT > 0: the restarted worker continues the run from its checkpoint; the
+    same command on a first launch is still refused."""
+    out = tmp_path / "run"
+    for iters in (40, 160):
+        step = _start_and_kill(out, iters, tmp_path / "first.log")
+        if step is not None:
+            break
+        shutil.rmtree(out)
+    else:
+        pytest.fail("every run finished before it could be killed")
+    again = subprocess.run(_train(out, iters), env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "holds a run" in again.stderr
+    restarted = subprocess.run(_train(out, iters), env={**_env(), "TORCHELASTIC_RESTART_COUNT": "1"},
+                               capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert "torchelastic restart: resuming" in restarted.stderr
+    assert _saved_step(out) == iters and (out / "eval.json").is_file()

@@ -5,6 +5,7 @@ the run it starts from; and the self-training recipe of the labelling commands."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from diga_fast.config import (
@@ -27,18 +28,20 @@ from diga_fast.errors import DigaError
 def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset: str | None,
                    config_file: str | None, arch: str | None, pretrained: str | None, iters: int | None,
                    seed: int | None, bf16: bool | None, resume: bool, out: str, overrides: tuple[str, ...],
-                   check: bool = True) -> Recipe:
+                   check: bool = True, restarted: bool = False) -> Recipe:
     """Preset -> --config -> named options -> KEY=VALUE overrides; paths in it made absolute. On
     --resume the run's own config.yaml is the recipe: only --iters and overrides may change it, and
-    any other recipe option is refused rather than silently ignored. ``check=False`` skips the checks
-    (``diga recipe show`` prints a recipe that still lacks its weights or translator)."""
-    if resume:
+    any other recipe option is refused rather than silently ignored (``restarted``: a torchelastic
+    restart, whose command line is the first launch's, options and all). ``check=False`` skips the
+    checks (``diga recipe show`` prints a recipe that still lacks its weights or translator)."""
+    if resume and not restarted:
         ignored = [name for name, value in (("--source", source), ("--target", target), ("--preset", preset),
                                              ("--config", config_file), ("--model", arch), ("--pretrained", pretrained),
                                              ("--seed", seed), ("--bf16/--no-bf16", bf16)) if value is not None]
         if ignored:
             raise DigaError(f"--resume continues {out} with its own config.yaml; {', '.join(ignored)} cannot change it "
                             "(only --iters and KEY=VALUE overrides can)")
+    if resume:
         run_dir = Path(out) if (Path(out) / "config.yaml").is_file() else Path(out) / "round_1"  # self --rounds
         saved = run_dir / "config.yaml"
         if not (run_dir / "state.pt").is_file() or not saved.is_file():
@@ -93,3 +96,13 @@ def eval_targets_override(text: str) -> str:
     """``--eval-targets KIND:ROOT,...`` as the override ``train.eval_targets=[...]`` (which --resume takes
     too): a comma starts a new dataset only where a dataset kind follows it."""
     return f"train.eval_targets={json.dumps(split_dataset_specs(text))}"
+
+
+def restarted_by_torchelastic(out: str | Path, resume: bool) -> bool:
+    """Whether this worker was restarted by torchelastic after a failure (``TORCHELASTIC_RESTART_COUNT``
+    > 0) and ``out`` holds a checkpoint: then it resumes from it by itself, since the restart repeats
+    the first launch's command line, which has no --resume. A first launch is unchanged."""
+    if resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) == 0:
+        return False
+    out = Path(out)
+    return (out / "state.pt").is_file() or (out / "round_1" / "state.pt").is_file()
