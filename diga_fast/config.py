@@ -108,6 +108,9 @@ class TrainConfig:
     # uses 1: on the 2-vCPU VMs we measured, two threads gain 1.4x alone and lose 5-7x when anything else
     # shares the CPU, and one thread gives the same floating-point results on every core count
     threads: int = 0
+    # Under torchrun: minutes a collective waits for every rank before the run stops with an error that
+    # names it (a frozen or dead rank), instead of the backend's 30-minute hang
+    dist_timeout_minutes: float = 10.0
     # Supervised source loss: "ce", or "ohem" (official SYNTHIA: pixels with p_true below
     # max(ohem_thresh, the ohem_min_kept-th smallest p_true) only)
     source_loss: str = "ce"
@@ -575,6 +578,7 @@ RANGES = {
     ("data", "rcs_temperature"): POSITIVE, ("data", "rcs_min_pixels"): AT_LEAST_0, ("data", "rcs_min_crop_ratio"): UNIT,
     ("train", "iters"): AT_LEAST_1, ("train", "log_every"): AT_LEAST_1, ("train", "eval_every"): AT_LEAST_0,
     ("train", "save_every"): AT_LEAST_1, ("train", "seed"): Range(0, 2**63 - 1), ("train", "threads"): AT_LEAST_0,
+    ("train", "dist_timeout_minutes"): POSITIVE,
     ("train", "ohem_thresh"): UNIT, ("train", "ohem_min_kept"): AT_LEAST_1,
     ("warmup", "lambda_distill"): AT_LEAST_0, ("warmup", "reverse_scale"): AT_LEAST_0,
     ("warmup", "temperature"): POSITIVE, ("warmup", "ema_max"): UNIT_OPEN_HIGH, ("warmup", "visualize_every"): AT_LEAST_0,

@@ -253,3 +253,32 @@ def test_a_torchelastic_restart_resumes_by_itself(tmp_path):
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     assert "torchelastic restart: resuming" in restarted.stderr
     assert _saved_step(out) == iters and (out / "eval.json").is_file()
+
+
+def test_a_disk_that_fills_while_saving_keeps_the_last_checkpoint_whole(tmp_path, capsys, monkeypatch):
+    """ENOSPC while state.pt of step 4 is written: one line says so and that step 2's checkpoint is intact;
+    the weights and state.pt both still hold step 2, no temporary file is left, and --resume continues."""
+    import errno
+
+    real, calls = torch.save, []
+
+    def fills_up(obj, target, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with open(target, "wb") as partial:
+                partial.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, target, *args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", fills_up)
+    code, _, err = run(capsys, "train", "warmup", "--out", out, "--iters", "6", *TINY_STAGE, "train.save_every=2")
+    assert_one_line_error(code, err, "no space left on device writing", "the checkpoint of step 2 is intact")
+    monkeypatch.setattr(torch, "save", real)
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    student = load_file(str(out / "student.safetensors"))
+    assert all(torch.equal(student[k], state["modules"]["student"][k]) for k in student)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    code, _, err = run(capsys, "train", "warmup", "--out", out, "--resume")
+    assert code == 0, err

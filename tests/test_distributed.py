@@ -88,3 +88,56 @@ def test_translator_two_processes_equal_one_process(tmp_path, capsys):
     single, double = (load_translator_generator(tmp_path / d)(image) for d in ("single", "double"))
     difference = (single - double).abs()
     assert difference.max() < 8e-3 and difference.mean() < 1.5e-3, (difference.max(), difference.mean())
+
+
+def _workers(parent: int) -> list[int]:
+    """The PIDs whose parent is ``parent`` (torchrun's worker processes)."""
+    from pathlib import Path
+
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_a_frozen_rank_stops_the_others_with_a_named_collective(tmp_path):
+    """SIGSTOP one of two gloo ranks: the other stops within train.dist_timeout_minutes with one line
+    naming the collective it waited in, and torchrun exits with a failure instead of hanging."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diga_fast.cli.main",
+         "train", "source", "--out", str(out), "--iters", "100000", *TINY, "data.batch_size=2",
+         "train.dist_timeout_minutes=0.25", "train.save_every=2"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "state.pt").is_file():
+            assert launcher.poll() is None and time.time() < deadline, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        workers = _workers(launcher.pid)
+        assert len(workers) == 2, workers
+        os.kill(max(workers), signal.SIGSTOP)  # one rank freezes
+        stopped = time.time()
+        _, err = launcher.communicate(timeout=180)
+        assert launcher.returncode != 0
+        assert "no answer from every rank within 0.25 min" in err, err[-3000:]
+        assert time.time() - stopped < 150
+    finally:
+        for pid in _workers(launcher.pid) if launcher.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+        launcher.wait()

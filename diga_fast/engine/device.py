@@ -15,8 +15,9 @@ from diga_fast.models import SegmentationModel
 from diga_fast.utils import dist
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The device ``--device`` names (default: CUDA when available); under torchrun, this rank's."""
+def resolve_device(name: str | None, timeout_minutes: float | None = None) -> torch.device:
+    """The device ``--device`` names (default: CUDA when available); under torchrun, this rank's (the
+    process group's collectives time out after ``timeout_minutes``)."""
     if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -25,7 +26,7 @@ def resolve_device(name: str | None) -> torch.device:
         raise DigaError(f"--device {name!r} is not a device (use cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DigaError(f"--device {name}: CUDA is not available on this machine")
-    device = dist.setup(device)  # under torchrun: join the group, this rank's GPU
+    device = dist.setup(device, timeout_minutes)  # under torchrun: join the group, this rank's GPU
     if not dist.current().is_main:
         console.quiet = True  # rank 0 speaks for all
     return device

@@ -67,6 +67,7 @@ def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, model: t
     """One optimisation step of ``model`` on ``loss``; under torchrun its BatchNorm statistics are
     then averaged so that every rank (and the EMA teacher built from them) stays identical."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with dist.collective("the gradient all-reduce of the backward pass (DDP)"):
+        loss.backward()
     optimizer.step()
     dist.average_buffers(model)

@@ -27,7 +27,7 @@ from diga_fast.errors import DigaError
 from diga_fast.models import SegmentationModel
 from diga_fast.models.io import load_state_checked, save_weights
 from diga_fast.utils import dist
-from diga_fast.utils.io import atomic_write, lock_run_folder, run_problem, torch_load_error, write_json
+from diga_fast.utils.io import atomic_write, lock_run_folder, run_problem, torch_load_error, write_json, written_together
 
 MIN_FREE_BYTES = 64 * 2**20  # a run folder's disk must have this much free before training starts
 
@@ -140,22 +140,27 @@ class TrainingRun:
         optimizer: torch.optim.Optimizer | None = None,
         extras: dict[str, Any] | None = None,
     ) -> None:
+        if self.is_main:
+            label_space, digest = self.recipe.data.label_space, self.recipe.digest()
+            state = {
+                "step": step,
+                "recipe": self.recipe.to_dict(),
+                "modules": {name: module.state_dict() for name, module in modules.items()},
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "rng": _rng_state(),
+                "world": dist.current().world,
+                "extras": extras or {},
+            }
+            try:
+                with written_together():  # the weights and state.pt of one step, or nothing new
+                    for name, module in modules.items():
+                        save_weights(self.dir / f"{name}.safetensors", module, label_space, digest)
+                    save_state(self.dir / "state.pt", state)
+            except DigaError as err:
+                kept = (f"the checkpoint of step {self.last_saved_step} is intact" if self.last_saved_step
+                        else "no checkpoint was written yet")
+                raise DigaError(f"{err}; {kept}") from None
         self.last_saved_step = step
-        if not self.is_main:
-            return
-        label_space, digest = self.recipe.data.label_space, self.recipe.digest()
-        for name, module in modules.items():
-            save_weights(self.dir / f"{name}.safetensors", module, label_space, digest)
-        state = {
-            "step": step,
-            "recipe": self.recipe.to_dict(),
-            "modules": {name: module.state_dict() for name, module in modules.items()},
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "rng": _rng_state(),
-            "world": dist.current().world,
-            "extras": extras or {},
-        }
-        save_state(self.dir / "state.pt", state)
 
     def restore(
         self,

@@ -124,7 +124,7 @@ class Stage:
 
     def __init__(self, recipe: Recipe, out: str | Path, device: str | None, resume: bool) -> None:
         self.recipe, self.out, self.resume = recipe, Path(out), resume
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, recipe.train.dist_timeout_minutes)
         seed_everything(recipe.train.seed)
         set_threads(recipe.train.threads)
         self.label_space = get_label_space(recipe.data.label_space)

@@ -24,6 +24,8 @@ With one process every helper here is a no-op, so single-process results are unc
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import inspect
 import os
 from collections.abc import Callable
@@ -52,6 +54,25 @@ class DistInfo:
 
 
 _current = DistInfo()
+DEFAULT_TIMEOUT_MINUTES = 10.0  # well beyond the longest wait of a run (a rank saving, the last shard of an evaluation)
+_timeout_minutes = DEFAULT_TIMEOUT_MINUTES
+
+
+@contextlib.contextmanager
+def collective(name: str):
+    """A collective that fails (a rank frozen past the process group's timeout, or dead) ends in one
+    line naming it, so that torchrun sees a failure instead of a hang or a backend traceback."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.distributed.DistBackendError is one; gloo raises plain ones
+        text = str(err)
+        backend = getattr(dist, "DistBackendError", ())
+        if not _current.enabled or not (isinstance(err, backend) or any(
+                sign in text for sign in ("imed out", "Connection closed", "Connection reset", "NCCL"))):
+            raise  # not the process group's: an ordinary error of the step (out of memory, ...)
+        first = " ".join(text.split())[:200]
+        raise DigaError(f"{name} on rank {_current.rank} of {_current.world} failed: no answer from every rank within "
+                        f"{_timeout_minutes:g} min, or a rank died ({first}); stopping") from None
 
 
 def current() -> DistInfo:
@@ -63,10 +84,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(device: torch.device) -> torch.device:
-    """Join the process group torchrun describes (once); returns this rank's device (CUDA: the GPU
-    of the local rank, whatever ``device`` named)."""
-    global _current
+def setup(device: torch.device, timeout_minutes: float | None = None) -> torch.device:
+    """Join the process group torchrun describes (once; collectives time out after ``timeout_minutes``,
+    ``train.dist_timeout_minutes``); returns this rank's device (CUDA: the GPU of the local rank,
+    whatever ``device`` named)."""
+    global _current, _timeout_minutes
     if not launched():
         return device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -78,7 +100,9 @@ def setup(device: torch.device) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        _timeout_minutes = timeout_minutes or DEFAULT_TIMEOUT_MINUTES
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=_timeout_minutes))
     _current = DistInfo(rank, world, local_rank, device)
     return device
 
@@ -88,7 +112,8 @@ def shutdown() -> None:
     so that no rank tears down connections another is still using (gloo aborts the process then)."""
     global _current
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        with collective("the barrier at the end of the command"):
+            dist.barrier()
         dist.destroy_process_group()
     _current = DistInfo()
 
@@ -104,7 +129,8 @@ def on_main(fn) -> None:
             error = str(err)
     if _current.enabled:
         box = [error]
-        dist.broadcast_object_list(box, src=0)
+        with collective("the broadcast of rank 0's result"):
+            dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
         raise DigaError(error)
@@ -119,13 +145,15 @@ def any_rank(flag: bool) -> bool:
 
 def barrier() -> None:
     if _current.enabled:
-        dist.barrier()
+        with collective("a barrier"):
+            dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (returns ``tensor``)."""
     if _current.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with collective(f"an all-reduce of {tuple(tensor.shape)}"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -134,7 +162,8 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     if not _current.enabled:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(_current.world)]
-    dist.all_gather(parts, tensor.contiguous())
+    with collective(f"an all-gather of {tuple(tensor.shape)}"):
+        dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
 
@@ -154,7 +183,8 @@ def _average(tensors: list[torch.Tensor]) -> None:
     if not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    with collective(f"the average of {len(tensors)} tensors (gradients or BatchNorm statistics)"):
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat.div_(_current.world)
     offset = 0
     for tensor in tensors:

@@ -4,6 +4,8 @@ renamed into place, so a crash never leaves a half-written checkpoint, image or 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -26,8 +28,14 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+_together: list[list[tuple[Path, Path]]] = []  # open written_together blocks: (temporary, final) pairs
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path`` (inside
+    :func:`written_together`, at the block's end with the others). A full disk is one line, the
+    temporary file removed and ``path`` as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -36,10 +44,41 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp (and writers that replace the file) leave 0600
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in NO_SPACE:
+            raise DigaError(f"no space left on device writing {path}") from None
         raise
+    if _together:
+        _together[-1].append((Path(tmp), path))
+    else:
+        _rename(Path(tmp), path)
+
+
+def _rename(tmp: Path, path: Path) -> None:
+    """``tmp`` over ``path``, and the folder's entry made durable (fsync of the folder)."""
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+@contextlib.contextmanager
+def written_together():
+    """The files :func:`atomic_write` writes in the block are renamed into place only once all of them
+    are written (a checkpoint's weights and its state.pt always belong to the same step); if one
+    fails, none replaces its old file and every temporary file is removed."""
+    _together.append([])
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in _together.pop():
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in _together.pop():
+        _rename(tmp, path)
 
 
 def torch_load_error(err: BaseException) -> str:
