@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -116,10 +117,23 @@ def evaluate_generalisation(model: SegmentationModel, recipe: Recipe, label_spac
     return [target_row(name, summary) for name, summary in results]
 
 
-def _unreadable(path: Path) -> str | None:
-    """Why ``path`` cannot be an image (its header and, for PNG, its chunk checksums), or None."""
+# The largest image predicted in one piece: a 109 KB PNG can declare 13000 x 13000 pixels, whose
+# logits alone (19 classes, fp32) take 12.8 GB. 8000 x 6000 (48 MP, a phone photo) fits below it.
+MAX_PIXELS = 50_000_000
+
+
+def _unreadable(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why ``path`` cannot be an image (its header and, for PNG, its chunk checksums; more pixels than
+    ``max_pixels``), or None. The size comes from the header, before anything is decoded."""
     try:
-        with Image.open(path) as handle:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit below is ours
+            handle = Image.open(path)
+        with handle:
+            width, height = handle.size
+            if width * height > max_pixels:
+                return (f"{width}x{height} is {width * height / 1e6:.0f} MP, more than the {max_pixels / 1e6:.0f} MP "
+                        "predicted in one piece (resize it first)")
             handle.verify()
     except Exception as err:  # noqa: BLE001 - any decoder complaint means a bad file
         return str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -327,3 +327,17 @@ def test_a_finished_run_without_its_state_is_not_overwritten(tmp_path, capsys, t
     assert (folder / "model.safetensors").read_bytes() == before
     code, _, err = run(capsys, "train", "source", "--out", folder, "--iters", "1", "--force", *FAST)
     assert code == 0, err
+
+
+def test_an_image_bomb_is_refused_from_its_header(tmp_path, capsys, trained):
+    """A 13000 x 13000 PNG is a few hundred KB but would take tens of GB to segment: refused in one line
+    before anything is decoded or written."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("L", (13000, 13000)).save(images / "bomb.png", optimize=True)
+    assert (images / "bomb.png").stat().st_size < 2_000_000
+    code, _, err = run(capsys, "predict", "--checkpoint", trained, "--images", images, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "13000x13000", "MP")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
