@@ -70,6 +70,17 @@ def _start_and_kill(out, iters, log):
     return _saved_step(out)
 
 
+def _killed_mid_run(out, log):
+    """(the step state.pt holds, the run's iterations) of a run SIGKILLed mid-run: 40 iterations, long
+    enough that the kill lands before the end, or 160 if this machine outran it."""
+    for iters in (40, 160):
+        step = _start_and_kill(out, iters, log)
+        if step is not None:
+            return step, iters
+        shutil.rmtree(out)
+    pytest.fail("every run finished before it could be killed")
+
+
 def _records(out):
     """metrics.jsonl without the timing column."""
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -79,13 +90,7 @@ def _records(out):
 @pytest.mark.slow
 def test_sigkilled_run_resumes_bit_identical(tmp_path):
     crashed, straight = tmp_path / "crashed", tmp_path / "straight"
-    for iters in (40, 160):  # long enough that the kill lands mid-run; longer if this machine outran it
-        step = _start_and_kill(crashed, iters, tmp_path / "crashed.log")
-        if step is not None:
-            break
-        shutil.rmtree(crashed)
-    else:
-        pytest.fail("every run finished before it could be killed")
+    step, iters = _killed_mid_run(crashed, tmp_path / "crashed.log")
     assert KILL_AFTER <= step < iters
     assert not (crashed / "eval.json").exists()  # it really died mid-run
     left = {p.name for p in crashed.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")}
@@ -239,13 +244,7 @@ def test_a_torchelastic_restart_resumes_by_itself(tmp_path):
     TORCHELASTIC_RESTART_COUNT > 0: the restarted worker continues the run from its checkpoint; the
     same command on a first launch is still refused."""
     out = tmp_path / "run"
-    for iters in (40, 160):
-        step = _start_and_kill(out, iters, tmp_path / "first.log")
-        if step is not None:
-            break
-        shutil.rmtree(out)
-    else:
-        pytest.fail("every run finished before it could be killed")
+    _, iters = _killed_mid_run(out, tmp_path / "first.log")
     again = subprocess.run(_train(out, iters), env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "holds a run" in again.stderr
     restarted = subprocess.run(_train(out, iters), env={**_env(), "TORCHELASTIC_RESTART_COUNT": "1"},
