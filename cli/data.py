@@ -13,9 +13,6 @@ def data() -> None:
     """Datasets: write the built-in pair in the real folder layouts; translate a source once."""
 
 
-LAYOUTS = ("gta5", "cityscapes", "bdd100k", "mapillary", "acdc", "darkzurich", "folder")  # = data.domain_layouts.BUILTIN_LAYOUTS
-
-
 @data.command("synth")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write gta5/, cityscapes/, bdd100k/, mapillary/, acdc/, darkzurich/ and folder/ into.")
 @click.option("--train-images", type=click.IntRange(min=1), default=DataConfig.synthetic_train_images, show_default=True, help="Images per domain in the train split.")
@@ -29,9 +26,9 @@ def synth(out: str, train_images: int, val_images: int, seed: int) -> None:
     conditions), darkzurich/ (night) and folder/ (JPEG with labels.yaml), each loaded as KIND:OUT/KIND."""
     from diga_fast.stages.datasets import write_pair
 
-    root = write_pair(out, train_images, val_images, seed)
-    click.echo(f"wrote {train_images} source images to {root / 'gta5'} and {train_images}+{val_images} target images "
-               f"to {root / 'cityscapes'}, and the target images to {', '.join(str(root / n) for n in LAYOUTS[2:])}")
+    gta5, cityscapes, *others = write_pair(out, train_images, val_images, seed)
+    click.echo(f"wrote {train_images} source images to {gta5} and {train_images}+{val_images} target images "
+               f"to {cityscapes}, and the target images to {', '.join(map(str, others))}")
 
 
 @data.command("translate")

@@ -92,7 +92,8 @@ def resumable(train: Callable[..., dict]) -> Callable[..., dict]:
     return run_or_report
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # preemption (SLURM, Kubernetes, torchrun), SLURM's --signal, Ctrl-C
+# preemption (SLURM, Kubernetes, torchrun's forward), SLURM's --signal, Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from diga_fast.data import build_dataset
-from diga_fast.data.domain_layouts import write_builtin_pair
+from diga_fast.data.domain_layouts import BUILTIN_LAYOUTS, write_builtin_pair
 from diga_fast.data.translated import write_translated
 from diga_fast.engine.device import resolve_device
 from diga_fast.engine.logging import progress_bar, progress_callback
@@ -16,12 +16,13 @@ from diga_fast.labels import CITYSCAPES19
 from diga_fast.models.io import load_translator_generator
 
 
-def write_pair(out: str | Path, train_images: int, val_images: int, seed: int = 0) -> Path:
-    """``diga data synth``: :func:`~diga_fast.data.domain_layouts.write_builtin_pair` with a progress bar."""
+def write_pair(out: str | Path, train_images: int, val_images: int, seed: int = 0) -> list[Path]:
+    """``diga data synth``: :func:`~diga_fast.data.domain_layouts.write_builtin_pair` with a progress bar;
+    returns the folders written, ``out/gta5`` and ``out/cityscapes`` first."""
     root = Path(out)
     with progress_bar(2 * train_images + val_images, "writing", unit="img") as tick:
         write_builtin_pair(root, train_images, val_images, seed, tick)
-    return root
+    return [root / name for name in BUILTIN_LAYOUTS]
 
 
 def translate_source(checkpoint: str | Path, source: str, out: str | Path, synthetic_images: int, seed: int = 0,

@@ -201,9 +201,7 @@ def check_out_folder(out: str | Path, stage: str | None = None, resume: bool = F
         if resume:
             check_not_in_use(out)
         return out
-    if not out.is_dir():
-        raise DigaError(f"--out {out} exists and is not a folder")
-    check_not_in_use(out)
+    check_not_in_use(out)  # (an --out that is a file: folder_problem above)
     entries = [entry for entry in out.iterdir() if entry.name != LOCK_FILE]
     if not entries:
         return out
@@ -215,7 +213,7 @@ def check_out_folder(out: str | Path, stage: str | None = None, resume: bool = F
     if stage is not None and run_problem(out, False) is None and (out / "config.yaml").is_file():
         if _saved_stage(out / "config.yaml") == stage:
             return out
-    what = "a run" if (out / "state.pt").exists() or any(out.glob("*.safetensors")) else f"{len(entries)} entries"
+    what = "a run" if run_problem(out, False) else f"{len(entries)} entries"
     ways = [*(["--resume the run in it"] if (out / "state.pt").exists() else []),
             *(["pass --force to write into it"] if force is not None else [])]
     raise DigaError(f"--out {out} is not empty (it holds {what}); choose a new folder"
