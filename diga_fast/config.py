@@ -697,6 +697,13 @@ def inherit_from_run(recipe: Recipe, saved: dict[str, Any]) -> list[str]:
     return [f"{key}={after[key]}" for key in after if after[key] != before.get(key)]
 
 
+def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> list[str]:
+    """``key: old -> new`` for every field in which ``recipe`` differs from a saved one (a run's
+    config.yaml, as loaded)."""
+    before, after = _flat(_to_plain(saved)), _flat(recipe.to_dict())
+    return [f"{key}: {_short(before.get(key))} -> {_short(value)}" for key, value in after.items() if value != before.get(key)]
+
+
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():

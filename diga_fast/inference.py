@@ -22,6 +22,7 @@ from PIL import Image
 
 from diga_fast.config import Recipe
 from diga_fast.data.build import eval_target_datasets, target_val_dataset
+from diga_fast.data.datasets import MAX_PIXELS, too_large
 from diga_fast.labels import LabelSpace
 from diga_fast.errors import DigaError
 from diga_fast.metrics import ConfusionMatrix, summarize
@@ -117,23 +118,16 @@ def evaluate_generalisation(model: SegmentationModel, recipe: Recipe, label_spac
     return [target_row(name, summary) for name, summary in results]
 
 
-# The largest image predicted in one piece: a 109 KB PNG can declare 13000 x 13000 pixels, whose
-# logits alone (19 classes, fp32) take 12.8 GB. 8000 x 6000 (48 MP, a phone photo) fits below it.
-MAX_PIXELS = 50_000_000
-
-
 def _unreadable(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
     """Why ``path`` cannot be an image (its header and, for PNG, its chunk checksums; more pixels than
     ``max_pixels``), or None. The size comes from the header, before anything is decoded."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit below is ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit is ours
             handle = Image.open(path)
         with handle:
-            width, height = handle.size
-            if width * height > max_pixels:
-                return (f"{width}x{height} is {width * height / 1e6:.0f} MP, more than the {max_pixels / 1e6:.0f} MP "
-                        "predicted in one piece (resize it first)")
+            if (why := too_large(handle.size, max_pixels)) is not None:
+                return why
             handle.verify()
     except Exception as err:  # noqa: BLE001 - any decoder complaint means a bad file
         return str(err).splitlines()[0] if str(err) else type(err).__name__

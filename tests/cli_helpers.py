@@ -43,17 +43,18 @@ def assert_one_line_error(code, err, *fragments):
 
 
 def crash_then_resume(tmp_path, capsys, monkeypatch, module, argv, options):
-    """Run ``argv`` (with ``options``) for 4 steps with a NaN loss at step 3, resume, and return the run folder."""
+    """Run ``argv`` (with ``options``) for 4 steps with a NaN loss at step 4, resume, and return the run
+    folder (the checkpoint of step 2 was written once step 3's loss was finite)."""
     real, calls = module.source_cross_entropy, []
 
-    def nan_on_third_call(logits, labels, train):
+    def nan_on_fourth_call(logits, labels, train):
         calls.append(1)
-        return real(logits, labels, train) * (float("nan") if len(calls) == 3 else 1.0)
+        return real(logits, labels, train) * (float("nan") if len(calls) == 4 else 1.0)
 
     out = tmp_path / "crashed"
-    monkeypatch.setattr(module, "source_cross_entropy", nan_on_third_call)
+    monkeypatch.setattr(module, "source_cross_entropy", nan_on_fourth_call)
     code, _, err = run(capsys, *argv, "--out", out, "--iters", "4", *options, "train.save_every=2")
-    assert_one_line_error(code, err, "step 3", "step 2")
+    assert_one_line_error(code, err, "step 4", "step 2")
     monkeypatch.setattr(module, "source_cross_entropy", real)
     code, _, err = run(capsys, *argv[:2], "--out", out, "--resume")
     assert code == 0, err

@@ -341,3 +341,30 @@ def test_an_image_bomb_is_refused_from_its_header(tmp_path, capsys, trained):
     code, _, err = run(capsys, "predict", "--checkpoint", trained, "--images", images, "--out", tmp_path / "out")
     assert_one_line_error(code, err, "13000x13000", "MP")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_image_bomb_in_a_dataset_is_refused_from_its_header(tmp_path):
+    """What evaluation and training read goes through read_rgb: a 13000 x 8000 PNG (104 MP, which Pillow
+    only warns about) is one DigaError naming the file, before anything is decoded (a fresh process's
+    peak memory grows by far less than the 312 MB of its pixels)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (13000, 8000)).save(tmp_path / "bomb.png", optimize=True)
+    probe = (
+        "import resource, sys\n"
+        "from diga_fast.data.datasets import read_rgb\n"
+        "from diga_fast.errors import DigaError\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    read_rgb(sys.argv[1])\n"
+        "except DigaError as err:\n"
+        "    print(err)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "bomb.png")], capture_output=True, text=True)
+    message, grown_kib = done.stdout.splitlines()
+    assert "bomb.png: 13000x8000 is 104 MP, more than the 50 MP" in message, done.stdout + done.stderr
+    assert int(grown_kib) < 50_000

@@ -39,21 +39,21 @@ def test_train_source_writes_a_complete_run(trained_run):
 
 
 def test_nan_stops_cleanly_and_resume_is_exact(tmp_path, capsys, monkeypatch, trained_run):
-    """A NaN loss at step 3 stops the run with one line and keeps the step-2 checkpoint; --resume
-    then ends with the same weights as the uninterrupted 4-step run."""
+    """A NaN loss at step 4 stops the run with one line and keeps the step-2 checkpoint (written once
+    step 3's loss was finite); --resume then ends with the same weights as the uninterrupted 4-step run."""
     import diga_fast.stages.source_only as stage
 
     real_loss, calls = stage.source_cross_entropy, []
 
-    def loss_with_nan_at_step_3(logits, labels, train):
+    def loss_with_nan_at_step_4(logits, labels, train):
         calls.append(1)
         loss = real_loss(logits, labels, train)
-        return loss * float("nan") if len(calls) == 3 else loss
+        return loss * float("nan") if len(calls) == 4 else loss
 
     out = tmp_path / "run"
-    monkeypatch.setattr(stage, "source_cross_entropy", loss_with_nan_at_step_3)
+    monkeypatch.setattr(stage, "source_cross_entropy", loss_with_nan_at_step_4)
     code, _, err = run(capsys, "train", "source", "--out", out, "--iters", "4", *TINY, "train.save_every=2")
-    assert_one_line_error(code, err, "loss is nan at step 3", "step 2")
+    assert_one_line_error(code, err, "loss is nan at step 4", "step 2")
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
     monkeypatch.setattr(stage, "source_cross_entropy", real_loss)
     code, _, err = run(capsys, "train", "source", "--out", out, "--resume")
@@ -64,6 +64,29 @@ def test_nan_stops_cleanly_and_resume_is_exact(tmp_path, capsys, monkeypatch, tr
 
     resumed, straight = load_file(str(out / "model.safetensors")), load_file(str(trained_run / "model.safetensors"))
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_a_divergence_stops_at_a_checkpoint_from_which_a_smaller_learning_rate_trains(tmp_path, capsys):
+    """optim.lr=1e30 from step 3 on: step 4's update diverges the weights and step 5's loss is NaN. The
+    checkpoint of step 4 was held back (its weights never gave a finite loss), so the stop names that of
+    step 3, with finite weights, and the --resume command with a smaller learning rate; the recipe's
+    learning rate (not the checkpoint's optimiser's) is what the resume trains at, and it trains on."""
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "source", "--out", out, "--iters", "3", *TINY, "train.save_every=1")
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "source", "--resume", "--out", out, "--iters", "8", "optim.lr=1e30")
+    assert "optim.lr: 0.025 -> 1e+30; train.iters: 3 -> 8" in err  # what the resume changed, said
+    assert_one_line_error(code, err, "loss is nan at step 5", "of step 3", f"--resume --out {out} optim.lr=1e+29")
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 3
+    assert max(v.abs().max().item() for v in state["modules"]["model"].values() if v.is_floating_point()) < 100
+    code, _, err = run(capsys, "train", "source", "--resume", "--out", out, "optim.lr=0.01")
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+    assert all(0 < r["lr"] <= 0.01 for r in records if "loss" in r and r["step"] > 3)
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 0.01  # the recipe it now follows
 
 
 def test_an_existing_run_is_not_overwritten(capsys, trained_run):

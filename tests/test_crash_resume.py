@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,19 +216,25 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tmp_path, capsy
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
-def test_a_stop_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, capsys, signum):
+@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 0), (signal.SIGINT, 0), (signal.SIGUSR1, 0), (signal.SIGINT, 2)],
+                         ids=["SIGTERM", "SIGINT", "SIGUSR1", "ctrl-c-to-the-process-group-with-loader-workers"])
+def test_a_stop_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, capsys, signum, workers):
     """Preemption (SIGTERM from SLURM or Kubernetes, SLURM's --signal=USR1, Ctrl-C): the step in progress
     ends, the checkpoint of that step is written, one line names it and the --resume command, and the
-    exit status is 128 + the signal; --resume then continues from that step."""
+    exit status is 128 + the signal; --resume then continues from that step. Ctrl-C in a terminal
+    signals the whole process group, DataLoader workers included: the same."""
     out = tmp_path / "run"
     child = subprocess.Popen(_diga("train", "warmup", "--out", out, "--iters", "100000", *TINY_STAGE,
-                                   "train.save_every=1000"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                   "train.save_every=1000", f"data.num_workers={workers}"),
+                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 240
     while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().count("\n") >= 3:
         assert child.poll() is None and time.time() < deadline, child.stderr.read().decode()[-2000:]
         time.sleep(0.2)
-    child.send_signal(signum)
+    if workers:
+        os.killpg(child.pid, signum)
+    else:
+        child.send_signal(signum)
     _, err = child.communicate(timeout=120)
     err = err.decode()
     assert child.returncode == 128 + signum, err[-2000:]
@@ -254,6 +261,48 @@ def test_a_torchelastic_restart_resumes_by_itself(tmp_path):
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     assert "torchelastic restart: resuming" in restarted.stderr
     assert _saved_step(out) == iters and (out / "eval.json").is_file()
+
+
+def _worker_of_rank(agent_pid, rank):
+    """The PID of the torchrun worker (a child of the agent ``agent_pid``) whose RANK is ``rank``, or None."""
+    for child in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc (Linux)")
+def test_torchrun_max_restarts_continues_after_a_rank_is_killed(tmp_path):
+    """The real thing: `torchrun --max-restarts 1` with two workers; rank 1 is SIGKILLed once a
+    checkpoint exists. The agent stops rank 0, starts both again with the same command line, and they
+    resume from the checkpoint by themselves and finish: exit 0, every step logged once after it."""
+    out, iters = tmp_path / "run", 60
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+               *_train(out, iters)[1:]]
+    with open(tmp_path / "torchrun.log", "w+") as log:
+        agent = subprocess.Popen(command, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 240
+            while (_saved_step(out) or 0) < KILL_AFTER:
+                assert agent.poll() is None and time.time() < deadline, "the run ended before a checkpoint"
+                time.sleep(0.05)
+            killed_at = _saved_step(out)
+            os.kill(_worker_of_rank(agent.pid, 1), signal.SIGKILL)
+            assert agent.wait(timeout=300) == 0
+        finally:
+            agent.kill()
+        log.seek(0)
+        output = log.read()
+    assert killed_at < iters and "failed (exitcode: -9) local_rank: 1" in output, output[-3000:]
+    assert "torchelastic restart: resuming" in output, output[-3000:]
+    assert _saved_step(out) == iters and (out / "eval.json").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [*range(1, iters + 1), iters]  # the steps after the checkpoint logged again, once
 
 
 def test_a_disk_that_fills_while_saving_keeps_the_last_checkpoint_whole(tmp_path, capsys, monkeypatch):

@@ -26,6 +26,7 @@ included, is read by Pillow, so 8-bit datasets (GTA5, Cityscapes) never need Ope
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,12 +94,34 @@ def to_rgb_uint8(im: Image.Image) -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
+# The largest image read (and predicted) in one piece: a 109 KB PNG can declare 13000 x 13000 pixels,
+# whose logits alone (19 classes, fp32) take 12.8 GB. 8000 x 6000 (48 MP, a phone photo) fits below it.
+MAX_PIXELS = 50_000_000
+
+
+def too_large(size: tuple[int, int], max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why an image of ``size`` (width, height, from its header) is not read, or None."""
+    width, height = size
+    if width * height <= max_pixels:
+        return None
+    return (f"{width}x{height} is {width * height / 1e6:.0f} MP, more than the {max_pixels / 1e6:.0f} MP "
+            "read in one piece (resize it first)")
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as ``[H, W, 3]`` uint8 RGB (see :func:`to_rgb_uint8` for conversions)."""
+    """Read an image file as ``[H, W, 3]`` uint8 RGB (see :func:`to_rgb_uint8` for conversions); one of
+    more than :data:`MAX_PIXELS` is refused from its header, before anything is decoded."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit below is ours
+            im = Image.open(path)
+        with im:
+            if (why := too_large(im.size)) is not None:
+                raise DigaError(f"image {path}: {why}")
             im.load()
             return to_rgb_uint8(im)
+    except DigaError:
+        raise
     except FileNotFoundError:
         raise DigaError(f"image {path} does not exist") from None
     except Exception as error:  # noqa: BLE001 - any decoder failure is a bad file for the user

@@ -54,6 +54,16 @@ def lr_factor(step: int, total: int, power: float, warmup_iters: int = 0, warmup
     return factor
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Resume ``optimizer``: the per-parameter state (momentum, Adam's moments) from a checkpoint's
+    ``state``, the hyperparameters (learning rates, weight decay, momentum) kept from the recipe it was
+    built from, so that a resume with ``optim.lr=...`` (after a divergence) trains at that rate."""
+    recipe_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, hyperparameters in zip(optimizer.param_groups, recipe_groups):
+        group.update(hyperparameters)
+
+
 def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total: int, power: float, warmup_iters: int = 0,
                 warmup_ratio: float = 1e-6) -> float:
     """lr = base_lr * :func:`lr_factor` for every group; returns the first group's lr."""

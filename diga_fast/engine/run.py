@@ -15,17 +15,19 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from diga_fast.config import Recipe, save_yaml
+from diga_fast.config import Recipe, load_yaml, recipe_changes, save_yaml
 from diga_fast.engine.logging import MetricsLog, console, progress_bar
+from diga_fast.engine.optim import load_optimizer_state
 from diga_fast.errors import DigaError
 from diga_fast.models import SegmentationModel
-from diga_fast.models.io import load_state_checked, save_weights
+from diga_fast.models.io import WeightFile, load_state_checked, model_weights, save_weights
 from diga_fast.utils import dist
 from diga_fast.utils.io import atomic_write, lock_run_folder, run_problem, torch_load_error, write_json, written_together
 
@@ -99,6 +101,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _copied(value: Any) -> Any:
+    """``value`` with every tensor copied to the CPU and every container rebuilt: a snapshot that the
+    training steps after it do not change."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    step: int
+    files: dict[str, WeightFile]  # file name in the run folder -> content
+    state: dict[str, Any]  # state.pt
+
+
 def scalar_metrics(summary: dict, prefix: str = "target_val/") -> dict[str, float]:
     """The numbers of an evaluation summary, for metrics.jsonl."""
     return {f"{prefix}{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "num_classes"}
@@ -121,16 +142,21 @@ class TrainingRun:
             lock_run_folder(self.dir)  # before anything is written; dropped by the stage's end (resumable)
             for leftover in self.dir.glob(".*.tmp"):  # of a writer killed mid-write (atomic_write's names)
                 leftover.unlink(missing_ok=True)
-            if not resume:
-                atomic_write(self.dir / "config.yaml", lambda tmp: save_yaml(recipe, tmp))
+            if resume:  # --iters and KEY=VALUE overrides may change the recipe: said, and config.yaml follows
+                changes = recipe_changes(load_yaml(self.dir / "config.yaml"), recipe)
+                if changes:
+                    console.print(f"--resume with a changed recipe: {'; '.join(changes)}", highlight=False)
+            else:
                 (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+            atomic_write(self.dir / "config.yaml", lambda tmp: save_yaml(recipe, tmp))
 
         dist.on_main(prepare)
         self.metrics = MetricsLog(self.dir) if self.is_main else None
         self.step = 0
         self._last_log_time = time.perf_counter()
         self._last_log_step = 0
-        self.last_saved_step: int | None = None
+        self.last_saved_step: int | None = None  # of the last checkpoint written
+        self._pending: _Checkpoint | None = None  # saved, not yet written (see save)
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(
@@ -139,28 +165,46 @@ class TrainingRun:
         modules: dict[str, SegmentationModel],
         optimizer: torch.optim.Optimizer | None = None,
         extras: dict[str, Any] | None = None,
+        files: dict[str, WeightFile] | None = None,
+        at_once: bool = False,
     ) -> None:
+        """The checkpoint of ``step``: ``<name>.safetensors`` of every module (and the other weight
+        ``files``) with ``state.pt``. It is copied now and written once a finite loss has been seen with
+        these weights (the next :meth:`check_finite`), so a checkpoint never holds diverged weights;
+        ``at_once`` writes it now (the last step, a stop)."""
+        self._pending = None
         if self.is_main:
             label_space, digest = self.recipe.data.label_space, self.recipe.digest()
-            state = {
+            weights = {f"{name}.safetensors": model_weights(module, label_space, digest) for name, module in modules.items()}
+            state = _copied({
                 "step": step,
                 "recipe": self.recipe.to_dict(),
-                "modules": {name: module.state_dict() for name, module in modules.items()},
+                "modules": {name: weights[f"{name}.safetensors"].tensors for name in modules},
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "rng": _rng_state(),
                 "world": dist.current().world,
                 "extras": extras or {},
-            }
+            })
+            checkpoint = _Checkpoint(step, {**weights, **(files or {})}, state)
+        else:
+            checkpoint = _Checkpoint(step, {}, {})  # only rank 0 writes; every rank knows the step
+        if at_once:
+            self._write(checkpoint)
+        else:
+            self._pending = checkpoint
+
+    def _write(self, checkpoint: _Checkpoint) -> None:
+        if self.is_main:
             try:
                 with written_together():  # the weights and state.pt of one step, or nothing new
-                    for name, module in modules.items():
-                        save_weights(self.dir / f"{name}.safetensors", module, label_space, digest)
-                    save_state(self.dir / "state.pt", state)
+                    for name, content in checkpoint.files.items():
+                        content.write(self.dir / name)
+                    save_state(self.dir / "state.pt", checkpoint.state)
             except DigaError as err:
                 kept = (f"the checkpoint of step {self.last_saved_step} is intact" if self.last_saved_step
                         else "no checkpoint was written yet")
                 raise DigaError(f"{err}; {kept}") from None
-        self.last_saved_step = step
+        self.last_saved_step = checkpoint.step
 
     def restore(
         self,
@@ -179,7 +223,7 @@ class TrainingRun:
                 raise DigaError(f"--resume: {self.dir}/state.pt holds no {name!r} weights")
             load_state_checked(module, state["modules"][name], f"{self.dir}/state.pt")
         if optimizer is not None and state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"])
         _set_rng_state(state["rng"])
         saved_world, world = int(state.get("world", 1)), dist.current().world
         if saved_world != world:
@@ -232,7 +276,7 @@ class TrainingRun:
         step = self.recipe.train.iters
         if dist.current().enabled:
             self._record_rank_agreement(modules, extras or {})
-        self.save(step, modules, optimizer, extras)
+        self.save(step, modules, optimizer, extras, at_once=True)
         try:
             summary = evaluate()
         except Exception as err:  # noqa: BLE001 - whatever stopped it, the weights are safe
@@ -264,15 +308,30 @@ class TrainingRun:
         return step % self.recipe.train.log_every == 0 or step == self.recipe.train.iters
 
     def check_finite(self, step: int, **values: torch.Tensor) -> None:
-        """Stop with one line naming the value and the step when one is NaN/inf (on any rank)."""
+        """Stop with one line naming the value and the step when one is NaN/inf (on any rank) and the
+        last checkpoint written, whose weights gave a finite loss; otherwise write the checkpoint
+        :meth:`save` holds back."""
         numbers = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()  # one sync
         bad = [(name, number) for name, number in zip(values, numbers) if not math.isfinite(number)]
         if not dist.any_rank(bool(bad)):
+            if self._pending is not None:  # its weights gave this finite loss: now it is a good checkpoint
+                checkpoint, self._pending = self._pending, None
+                self._write(checkpoint)
             return
-        where = (f"the last good checkpoint (step {self.last_saved_step}) is in {self.dir}"
-                 if self.last_saved_step is not None else "no checkpoint was written yet")
+        if self.last_saved_step is None:
+            where = "no checkpoint was written yet"
+        else:
+            key = "translator.lr" if self.recipe.stage == "translator" else "optim.lr"
+            lr = (self.recipe.translator if key == "translator.lr" else self.recipe.optim).lr
+            where = (f"the last checkpoint, of step {self.last_saved_step} (its weights gave a finite loss), is in "
+                     f"{self.dir}: continue with a smaller learning rate, `{self.resume_command(f'{key}={lr / 10:g}')}`")
         what = f"{bad[0][0]} is {bad[0][1]}" if bad else "a loss is not finite on another rank"
         raise DigaError(f"{what} at step {step}: training stopped; {where}")
+
+    def resume_command(self, *overrides: str) -> str:
+        """The command that continues this run (self-training's rounds from their parent folder)."""
+        folder = self.dir.parent if self.dir.name.startswith("round_") else self.dir
+        return " ".join(["diga train", self.recipe.stage, "--resume --out", str(folder), *overrides])
 
     def log(self, step: int, **values: Any) -> None:
         if self.metrics is None:

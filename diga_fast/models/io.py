@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,9 +38,20 @@ def _first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _save_safetensors(path: Path, module: nn.Module, metadata: dict[str, str]) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+@dataclass(frozen=True)
+class WeightFile:
+    """A weight file's content, copied off its module when made: it can be written later, after the
+    module has trained on (a checkpoint is written once its weights have given a finite loss)."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @classmethod
+    def of(cls, module: nn.Module, metadata: dict[str, str]) -> WeightFile:
+        return cls({k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}, metadata)
+
+    def write(self, path: str | Path) -> None:
+        atomic_write(Path(path), lambda tmp: save_file(self.tensors, str(tmp), metadata=self.metadata))
 
 
 def _read_header(path: Path, what: str) -> dict[str, str]:
@@ -71,14 +83,19 @@ def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], source
 # ------------------------------------------------------------------------------ segmentation models
 
 
-def save_weights(path: Path, model: SegmentationModel, label_space: str, recipe_digest: str = "") -> None:
-    _save_safetensors(path, model, {
+def model_weights(model: SegmentationModel, label_space: str, recipe_digest: str = "") -> WeightFile:
+    """A segmentation model's weight file: its tensors and the header that rebuilds it."""
+    return WeightFile.of(model, {
         "format": FORMAT,
         "arch": model.arch,
         "num_classes": str(model.num_classes),
         "label_space": label_space,
         "recipe": recipe_digest,
     })
+
+
+def save_weights(path: Path, model: SegmentationModel, label_space: str, recipe_digest: str = "") -> None:
+    model_weights(model, label_space, recipe_digest).write(path)
 
 
 def resolve_weights(run_or_file: str | Path) -> Path:
@@ -130,15 +147,19 @@ def load_model(run_or_file: str | Path) -> tuple[SegmentationModel, dict[str, st
 # ------------------------------------------------------------------------------ the translator
 
 
-def save_translator(path: str | Path, generator: ImageTranslator, recipe_digest: str = "") -> None:
-    """Write one direction's weights with the metadata that rebuilds it (kind, width, n_res)."""
-    _save_safetensors(Path(path), generator, {
+def translator_weights(generator: ImageTranslator, recipe_digest: str = "") -> WeightFile:
+    """One direction's weights with the metadata that rebuilds it (kind, width, n_res)."""
+    return WeightFile.of(generator, {
         "format": TRANSLATOR_FORMAT,
         "kind": "cyclegan",
         "width": str(generator.width),
         "n_res": str(generator.n_res),
         "recipe": recipe_digest,
     })
+
+
+def save_translator(path: str | Path, generator: ImageTranslator, recipe_digest: str = "") -> None:
+    translator_weights(generator, recipe_digest).write(path)
 
 
 def load_translator_generator(path: str | Path, device: str | torch.device | None = None) -> ImageTranslator:

@@ -206,10 +206,8 @@ class Stage:
         """Write the checkpoint of step ``done`` (unless the loop just did) and raise :class:`Stopped`."""
         if self.run.last_saved_step != done:
             self.checkpoint_now(done)
-        folder = self.out.parent if self.out.name.startswith("round_") else self.out
-        command = f"diga train {self.recipe.stage} --resume --out {folder}"
-        raise Stopped(signum, f"{signal.Signals(signum).name}: stopped after step {done} of "
-                              f"{self.recipe.train.iters}; its checkpoint is in {self.out}; continue with `{command}`")
+        raise Stopped(signum, f"{signal.Signals(signum).name}: stopped after step {done} of {self.recipe.train.iters}; "
+                              f"its checkpoint is in {self.out}; continue with `{self.run.resume_command()}`")
 
     def end_step(self, done: int, loss: torch.Tensor, lr: float, modules: dict[str, SegmentationModel],
                  optimizer: torch.optim.Optimizer, evaluate: SegmentationModel,
@@ -219,7 +217,8 @@ class Stage:
         self.tick(done, loss=loss)
         if self.run.should_log(done):
             self.run.log(done, loss=loss, lr=lr, **log())
-        self.checkpoint_now = lambda step: self.run.save(step, modules, optimizer, extras() if self.run.is_main else None)
+        self.checkpoint_now = lambda step: self.run.save(step, modules, optimizer, extras() if self.run.is_main else None,
+                                                         at_once=True)
         self.run.checkpoint_and_evaluate(done, modules, optimizer, extras=extras, evaluate=lambda: self.evaluate(evaluate))
 
     def tick(self, done: int, **values: torch.Tensor) -> None:

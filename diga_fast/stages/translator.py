@@ -22,10 +22,10 @@ from diga_fast.data import build_dataset
 from diga_fast.data.transforms import translator_transform
 from diga_fast.engine.device import autocast
 from diga_fast.engine.logging import console, save_image_rows
-from diga_fast.engine.optim import translator_optimizer
+from diga_fast.engine.optim import load_optimizer_state, translator_optimizer
 from diga_fast.errors import DigaError
 from diga_fast.method.gan_losses import TranslatorNets, discriminator_loss, generator_forward, generator_losses
-from diga_fast.models.io import TRANSLATOR_FILE, load_state_checked, load_vgg_features, save_translator
+from diga_fast.models.io import TRANSLATOR_FILE, load_state_checked, load_vgg_features, translator_weights
 from diga_fast.stages.common import Stage, resumable
 from diga_fast.utils import dist
 
@@ -56,8 +56,8 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
         if "nets" not in extras:
             raise DigaError(f"--resume: {run.dir}/state.pt holds no translator nets")
         load_state_checked(nets, extras["nets"], f"{run.dir}/state.pt")
-        opt_g.load_state_dict(extras["opt_g"])
-        opt_d.load_state_dict(extras["opt_d"])
+        load_optimizer_state(opt_g, extras["opt_g"])
+        load_optimizer_state(opt_d, extras["opt_d"])
     if vgg is None:
         note = "perceptual loss off: translator.vgg_weights is not set (a local torchvision vgg16/vgg19 state dict)"
         console.print(note, highlight=False)
@@ -65,10 +65,10 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
             run.metrics.write(run.step, note=note)
     source_batches, target_batches = stage.loader(source_set), stage.loader(target_set)
 
-    def save(step: int) -> None:
-        if run.is_main:
-            save_translator(run.dir / TRANSLATOR_FILE, nets.s2t, recipe.digest())
-        run.save(step, {}, None, extras={"nets": nets.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()})
+    def save(step: int, at_once: bool = True) -> None:
+        run.save(step, {}, None, extras={"nets": nets.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()},
+                 files={TRANSLATOR_FILE: translator_weights(nets.s2t, recipe.digest())} if run.is_main else None,
+                 at_once=at_once)
 
     device, total = stage.device, recipe.train.iters
     stage.checkpoint_now = save
@@ -109,7 +109,7 @@ def train_translator(recipe: Recipe, out: str | Path, device: str | None = None,
         if run.should_log(done):
             run.log(done, loss_g=loss_g, loss_d=loss_d, lr=lr, **terms)
         if done % recipe.train.save_every == 0 and done != total:
-            save(done)
+            save(done, at_once=False)  # written once the next step's losses are finite
 
     if run.step < total or not (run.dir / TRANSLATOR_FILE).is_file():
         save(total)

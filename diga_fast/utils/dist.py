@@ -101,10 +101,23 @@ def setup(device: torch.device, timeout_minutes: float | None = None) -> torch.d
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         _timeout_minutes = timeout_minutes or DEFAULT_TIMEOUT_MINUTES
+        timeout = datetime.timedelta(minutes=_timeout_minutes)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=_timeout_minutes))
+                                timeout=timeout, store=_attempt_store(world, timeout))
     _current = DistInfo(rank, world, local_rank, device)
     return device
+
+
+def _attempt_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's workers share its agent's TCPStore, across restarts too (``--max-restarts``); torch
+    (2.13) keys the process group's rendezvous there without the attempt, so restarted workers read the
+    dead ones' addresses and fail to connect. Each attempt gets its own prefix. None (torch's own
+    ``env://`` store) when the agent's store is not in use."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"/diga/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:
