@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from diga_fast.benchmarks.results_csv import append_rows, device_name
+from diga_fast.utils.printing import print_wide
 
 DEFAULT_CSV = Path("diga-bench/infer.csv")  # under the current directory; --record: results/
 DEFAULT_SIZES = ((512, 1024), (1024, 2048))
@@ -134,7 +135,7 @@ def _print_table(rows: list[dict], notes: list[str], device: str) -> None:
     console = Console()
     if not console.is_terminal:
         console = Console(width=140)
-    console.print(table)
+    print_wide(console, table)
     for note in notes:
         console.print(f"note: {note}")
 

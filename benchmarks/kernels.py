@@ -38,6 +38,7 @@ from diga_fast.kernels import (
     crdomix_blend_ref,
 )
 from diga_fast.kernels._common import reference
+from diga_fast.utils.printing import print_wide
 
 OPS = ("assign_centroids", "consensus_cross_entropy", "crdomix_blend", "class_feature_sums")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -290,7 +291,7 @@ def _print_table(rows: list[dict], copy_gbps: float, device: str) -> None:
     console = Console()
     if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
         console = Console(width=160)
-    console.print(table)
+    print_wide(console, table)
 
 
 def _plot(rows: list[dict], plot_path: Path, copy_gbps: float, device: str) -> None:

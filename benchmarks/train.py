@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from diga_fast.benchmarks.results_csv import append_rows, device_name
+from diga_fast.utils.printing import print_wide
 
 PHASES = ("data", "ema", "teacher", "labelling", "mixing", "forward", "centroids", "backward")
 _FP32 = ["train.bf16=false", "train.channels_last=false"]
@@ -188,4 +189,4 @@ def _print(rows: list[dict]) -> None:
     console = Console()
     if not console.is_terminal:  # logs and pipes: do not cut the table at 80 columns
         console = Console(width=200)
-    console.print(table)
+    print_wide(console, table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from diga_fast.cli.tables import counted
 from diga_fast.config import DataConfig
 
 
@@ -14,21 +15,23 @@ def data() -> None:
 
 
 @data.command("synth")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write gta5/, cityscapes/, bdd100k/, mapillary/, acdc/, darkzurich/ and folder/ into.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write gta5/, synthia/, cityscapes/, bdd100k/, mapillary/, acdc/, darkzurich/ and folder/ into.")
 @click.option("--train-images", type=click.IntRange(min=1), default=DataConfig.synthetic_train_images, show_default=True, help="Images per domain in the train split.")
 @click.option("--val-images", type=click.IntRange(min=1), default=DataConfig.synthetic_val_images, show_default=True, help="Target val images (what training, the demo and diga eval use).")
+@click.option("--real-sizes", is_flag=True, help="Images at the real datasets' sizes (GTA5 1914x1052, SYNTHIA 1280x760, Cityscapes and the other targets 2048x1024) instead of 256x128.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def synth(out: str, train_images: int, val_images: int, seed: int) -> None:
+def synth(out: str, train_images: int, val_images: int, real_sizes: bool, seed: int) -> None:
     """Write the built-in synthetic -> real-looking pair as OUT/gta5 (GTA5 layout: images/, labels/
-    with Cityscapes label ids) and OUT/cityscapes (leftImg8bit/ and gtFine/ with train and val splits),
-    so the real loaders read it: --source gta5:OUT/gta5 --target cityscapes:OUT/cityscapes. The target
+    with Cityscapes label ids), OUT/synthia (SYNTHIA RAND_CITYSCAPES: RGB/, 16-bit GT/LABELS/) and
+    OUT/cityscapes (leftImg8bit/ and gtFine/ with train and val splits), so the real loaders read it:
+    --source gta5:OUT/gta5 (or synthia:OUT/synthia) --target cityscapes:OUT/cityscapes. The target
     scenes are also written in the layouts of bdd100k/, mapillary/ (JPEG), acdc/ (spread over its four
     conditions), darkzurich/ (night) and folder/ (JPEG with labels.yaml), each loaded as KIND:OUT/KIND."""
     from diga_fast.stages.datasets import write_pair
 
-    gta5, cityscapes, *others = write_pair(out, train_images, val_images, seed)
-    click.echo(f"wrote {train_images} source images to {gta5} and {train_images}+{val_images} target images "
-               f"to {cityscapes}, and the target images to {', '.join(map(str, others))}")
+    gta5, synthia, cityscapes, *others = write_pair(out, train_images, val_images, seed, real_sizes)
+    click.echo(f"wrote {counted(train_images, 'source image')} to {gta5} and {synthia}, {train_images}+{val_images} target "
+               f"images to {cityscapes}, and the target images to {', '.join(map(str, others))}")
 
 
 @data.command("translate")

@@ -8,10 +8,11 @@ import click
 from rich.console import Console
 
 from diga_fast.cli.common import FORCE, parse_scales
-from diga_fast.cli.tables import iou_table, print_wide, targets_table
+from diga_fast.cli.tables import counted, iou_table, targets_table
 from diga_fast.config import DataConfig
 from diga_fast.errors import DigaError
 from diga_fast.utils.io import check_out_folder, check_output_file
+from diga_fast.utils.printing import print_wide
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -31,14 +32,16 @@ def _write_json(path: str, data: dict) -> None:
 @click.option("--target", "targets", multiple=True, metavar="KIND:ROOT",
               help="Labelled data: synthetic, cityscapes:ROOT, gta5:ROOT, synthia:ROOT, bdd100k:ROOT, mapillary:ROOT, "
                    "acdc:ROOT, darkzurich:ROOT, folder:ROOT. Repeat it for one table of several (rows: targets) "
-                   "[default: synthetic].")
+                   "[default: the checkpoint's run's target; synthetic].")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True)
-@click.option("--scales", default="1.0", show_default=True, help="Inference scales; logits are max-combined (official: 1.0,0.5).")
+@click.option("--scales", default=None, help="Inference scales; logits are max-combined (official: 1.0,0.5) "
+                                             "[default: the checkpoint's run's data.eval_scales; 1.0].")
 @click.option("--label-space", default=None, help="cityscapes19 or synthia16 [default: the checkpoint's; cityscapes19 for --pred-dir].")
 @click.option("--synthetic-images", type=click.IntRange(min=1), default=None,
-              help=f"Images of the built-in pair's split [default: {DataConfig.synthetic_val_images} for val, "
-                   f"{DataConfig.synthetic_train_images} for train: what training and the demo use].")
-@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images (of each target).")
+              help="Images of the built-in pair's split [default: the checkpoint's run's data.synthetic_val_images "
+                   f"(or _train_ for --split train); {DataConfig.synthetic_val_images} / {DataConfig.synthetic_train_images}].")
+@click.option("--max-images", type=click.IntRange(min=1), default=None,
+              help="Evaluate only the first N images (of each target) [default: the run's data.eval_max_images; all].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda[:N] or auto (with --onnx: the ONNX Runtime provider).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help='Write {miou, iou, num_classes} here; with several --target, {"targets": [{target, miou, iou, num_classes}, ...]}.')
@@ -49,9 +52,9 @@ def eval_command(checkpoint, onnx_path, pred_dir, targets, split, scales, label_
 
     if json_path is not None:
         check_output_file(json_path, "--json")
-    targets = targets or ("synthetic",)
-    what, results = evaluate(checkpoint, onnx_path, pred_dir, targets, split, parse_scales(scales), label_space,
-                             synthetic_images, max_images, device)
+    what, results = evaluate(checkpoint, onnx_path, pred_dir, targets, split,
+                             parse_scales(scales) if scales is not None else None, label_space, synthetic_images,
+                             max_images, device)
     _report(results, what, split, json_path)
 
 
@@ -94,7 +97,7 @@ def predict(checkpoint, onnx_path, images_dir, out, scales, overlay, device, ski
                         "a sub-folder of it is fine")
     out_dir = check_out_folder(out, force=force)
     count, skipped = predict_images(checkpoint, onnx_path, images_dir, out_dir, scale_values, overlay, device, skip_bad)
-    click.echo(f"wrote predictions for {count} images to {out_dir}")
+    click.echo(f"wrote predictions for {counted(count, 'image')} to {out_dir}")
     if skipped:
         for why in skipped:
             click.echo(f"skipped {why}", err=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from diga_fast.cli.common import FORCE, labelling_options, labelling_recipe
+from diga_fast.cli.tables import counted
 from diga_fast.utils.io import check_out_folder, check_output_file
 
 _CHECKPOINT = click.option("--checkpoint", required=True, type=click.Path(), help="Warm-up (or self-training) run folder or .safetensors.")
@@ -25,11 +26,11 @@ def pseudo_label(checkpoint, out, force, target, preset, config_file, seed, devi
     from diga_fast.stages.labelling import write_pseudo_labels
     from diga_fast.utils import dist
 
-    recipe = labelling_recipe(target, preset, config_file, seed, overrides)
+    recipe = labelling_recipe(checkpoint, target, preset, config_file, seed, overrides)
     check_out_folder(out, force=force)
     count = write_pseudo_labels(checkpoint, out, recipe, device)  # sharded under torchrun
     if dist.current().is_main:
-        click.echo(f"wrote probability labels for {count} images to {out}")
+        click.echo(f"wrote probability labels for {counted(count, 'image')} to {out}")
 
 
 @click.command("centroids")
@@ -42,7 +43,7 @@ def centroids(checkpoint, out, target, preset, config_file, seed, device, overri
     from diga_fast.stages.labelling import write_centroids
     from diga_fast.utils import dist
 
-    recipe = labelling_recipe(target, preset, config_file, seed, overrides)
+    recipe = labelling_recipe(checkpoint, target, preset, config_file, seed, overrides)
     check_output_file(out, "--out")
     values, counts = write_centroids(checkpoint, out, recipe, device)  # sharded under torchrun
     if dist.current().is_main:

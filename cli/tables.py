@@ -44,12 +44,6 @@ def targets_table(rows: list[dict], title: str | None = None) -> RenderableType:
     return table if title is None else Group(Text(title, style="bold"), table)
 
 
-def print_wide(console, renderable) -> None:
-    """Print ``renderable`` (e.g. a table with a column per class) at its natural width even where that is
-    wider than the console: the terminal wraps long lines, instead of rich cutting every cell to '…'.
-    Widens ``console`` for good (the commands make a console per table)."""
-    from rich.measure import Measurement
-
-    width = Measurement.get(console, console.options.update(width=10_000), renderable).maximum
-    console.width = max(console.width, width)
-    console.print(renderable)
+def counted(number: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -6,8 +6,9 @@ import click
 from rich.console import Console
 
 from diga_fast.cli.common import resolve_recipe, training_options, translator_training_options
-from diga_fast.cli.tables import iou_table, print_wide, targets_table
+from diga_fast.cli.tables import iou_table, targets_table
 from diga_fast.utils.io import check_out_folder
+from diga_fast.utils.printing import print_wide
 
 
 def _console() -> Console:
@@ -137,14 +138,11 @@ def train_self_command(init, rounds, out, device, resume, force, **options) -> N
     Probability labels and initial centroids are made from --init unless
     self_training.pseudo_labels=DIR / self_training.centroids=FILE name existing ones.
     Ablations: self_training.labels=consensus|prob|feat|threshold, self_training.metric=cosine|l2."""
-    from diga_fast.stages.recipes import inherit_init_recipe
     from diga_fast.stages.self_training import train_self_rounds
 
     resume, restarted = _resume_or_restart(out, resume)
-    recipe = resolve_recipe("self", out=out, resume=resume, restarted=restarted, **_fold_flags(options))
+    recipe = resolve_recipe("self", out=out, resume=resume, restarted=restarted, init=init, **_fold_flags(options))
     check_out_folder(out, "self", resume, force)
-    if not resume and init is not None:
-        inherit_init_recipe(recipe, init, options["overrides"])
     summary = train_self_rounds(recipe, out, init, rounds=rounds, device=device, resume=resume)
     _print_summary(summary, f"student on target val ({recipe.data.target}) after self-training")
     _console().print(f"run folder: {out}")

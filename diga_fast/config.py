@@ -608,9 +608,10 @@ def _field(recipe: Recipe, path: tuple[str, ...]) -> Any:
     return value
 
 
-def validate_recipe(recipe: Recipe) -> Recipe:
+def validate_recipe(recipe: Recipe, starting_points: bool = True) -> Recipe:
     """Raise one :class:`DigaError` line for the first field outside its choices (:data:`CHOICES`) or
-    range (:data:`RANGES`), before any run folder exists."""
+    range (:data:`RANGES`), before any run folder exists; with ``starting_points``, also a ``paper``
+    training run without its ImageNet weights or translator."""
     for path, allowed in CHOICES.items():
         value = _field(recipe, path)
         if value not in allowed:
@@ -642,7 +643,8 @@ def validate_recipe(recipe: Recipe) -> Recipe:
                             f"{sum(rows for _, _, rows in sizes)}, data.batch_size is {recipe.data.batch_size}")
     if recipe.train.select_on_val and not recipe.train.eval_every:
         raise DigaError("train.select_on_val keeps the best evaluation: it needs train.eval_every > 0")
-    _check_paper_starting_points(recipe)
+    if starting_points:
+        _check_paper_starting_points(recipe)
     return recipe
 
 
@@ -663,38 +665,34 @@ def _check_paper_starting_points(recipe: Recipe) -> None:
                         "and pass translator.checkpoint=RUN, or choose translator.kind=fda|folder")
 
 
-# What self-training takes over from the run it starts from (--init), so that it continues the
-# warm-up's recipe: network, translator, augmentation, teacher, data geometry, source loss.
-SHARED_WITH_INIT = (
-    ("model", "arch"), ("model", "dropout"), ("model", "freeze_bn_stats"), ("translator",), ("warmup", "aug"),
-    ("warmup", "crdomix"), ("warmup", "ema_max"), ("warmup", "teacher_mode"),
-    *(("data", name) for name in ("label_space", "source_resize", "source_scale", "target_resize", "target_scale",
-                                  "crop", "content_retry", "synthetic_train_images", "synthetic_val_images")),
-    *(("train", name) for name in ("source_loss", "ohem_thresh", "ohem_min_kept", "ce_normalizer")),
-)
+# What a stage started from another run (``--init``) does not take over from it: the stage itself
+# and its length (the self-training stage has its own).
+NOT_INHERITED = ("stage", "preset", "train.iters")
 
 
-def inherit_from_run(recipe: Recipe, saved: dict[str, Any]) -> list[str]:
-    """Take the :data:`SHARED_WITH_INIT` fields of a run's saved recipe (its config.yaml) into
-    ``recipe``, in place; returns ``key=value`` for each field that changed."""
-    before = _flat(recipe.to_dict())
-    subset: dict[str, Any] = {}
-    for path in SHARED_WITH_INIT:
-        value: Any = saved
-        for name in path:
-            value = value.get(name, {}) if isinstance(value, dict) else {}
-        if value == {}:
-            continue
-        cursor = subset
-        for name in path[:-1]:
-            cursor = cursor.setdefault(name, {})
-        cursor[path[-1]] = value
-    arch = recipe.model.arch
-    _update(recipe, subset)
-    if recipe.model.arch != arch:  # a DAFormer warm-up run continues with its optimiser on the demo preset
-        use_network(recipe, recipe.model.arch)
-    after = _flat(recipe.to_dict())
-    return [f"{key}={after[key]}" for key in after if after[key] != before.get(key)]
+def run_changes(saved: dict[str, Any]) -> dict[str, Any]:
+    """What a run's command set: the fields of its saved recipe (its config.yaml, as loaded) that differ
+    from its preset's defaults for its stage, source and target, as flat ``key: value``."""
+    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    defaults = _flat(preset_recipe(str(saved.get("preset", "demo")), str(saved.get("stage", "warmup")),
+                                   str(data.get("source", "synthetic")), str(data.get("target", "synthetic"))).to_dict())
+    return {key: value for key, value in _flat(_to_plain(saved)).items() if key in defaults and value != defaults[key]}
+
+
+def inherit_run(recipe: Recipe, saved: dict[str, Any]) -> list[str]:
+    """Take into ``recipe`` (in place; built from the saved run's preset for its own stage) everything
+    the saved run's command set (:func:`run_changes`) but :data:`NOT_INHERITED`; returns ``key=value``
+    for each field taken."""
+    taken = {key: value for key, value in run_changes(saved).items() if key not in NOT_INHERITED}
+    nested: dict[str, Any] = {}
+    for key, value in taken.items():
+        *parents, name = key.split(".")
+        cursor = nested
+        for parent in parents:
+            cursor = cursor.setdefault(parent, {})
+        cursor[name] = value
+    _update(recipe, nested)
+    return [f"{key}={_short(value)}" for key, value in taken.items()]
 
 
 def recipe_changes(saved: dict[str, Any], recipe: Recipe) -> list[str]:

@@ -23,6 +23,7 @@ from PIL import Image
 from diga_fast.config import Recipe
 from diga_fast.data.build import eval_target_datasets, target_val_dataset
 from diga_fast.data.datasets import MAX_PIXELS, too_large
+from diga_fast.data.loader import usable_workers
 from diga_fast.labels import LabelSpace
 from diga_fast.errors import DigaError
 from diga_fast.metrics import ConfusionMatrix, summarize
@@ -65,7 +66,7 @@ def evaluate_model(
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     shard = Subset(dataset, range(info.rank, count, info.world))
     done = 0
-    for batch in DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+    for batch in DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=usable_workers(num_workers)):
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = predict_logits(model, images, scales)

@@ -1,6 +1,7 @@
 """The ``diga`` command end to end on tiny data: training, resume, eval, predict, data synth, errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -104,6 +105,20 @@ def test_eval_checkpoint_json(tmp_path, capsys, trained_run):
     result = json.loads(out.read_text())
     assert set(result) == {"miou", "iou", "num_classes"} and result["num_classes"] == 19
     assert "road" in result["iou"] and "mIoU" in stdout
+
+
+def test_eval_of_a_run_defaults_to_the_runs_own_evaluation(tmp_path, capsys):
+    """`diga eval --checkpoint RUN` with no other option evaluates as the run did (its target, its
+    data.eval_scales, its val image count): the mIoU of the run's own eval.json, and says so."""
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "source", "--out", out, "--iters", "2", *TINY, "data.eval_scales=[1.0, 0.5]")
+    assert code == 0, err
+    code, _, err = run(capsys, "eval", "--checkpoint", out, "--json", tmp_path / "eval.json")
+    assert code == 0, err
+    assert "as " in err and "--target synthetic --scales 1.0,0.5" in err
+    assert json.loads((tmp_path / "eval.json").read_text())["miou"] == pytest.approx(json.loads((out / "eval.json").read_text())["miou"])
+    code, _, err = run(capsys, "eval", "--checkpoint", out, "--scales", "1.0", "--json", tmp_path / "single.json")
+    assert code == 0 and "--scales" not in err  # what is given is used
 
 
 def test_predict_folder_of_mixed_images(tmp_path, capsys, trained_run):
@@ -229,3 +244,22 @@ def test_help_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins the child to one CPU (Linux)")
+def test_an_ordinary_run_prints_no_warning(tmp_path):
+    """A recipe's 4 loader workers on a machine with fewer CPUs (the child is pinned to one) follow the
+    machine: no DataLoader warning, nor any other, on training, eval and predict."""
+    env = {**os.environ, "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    pin = lambda: os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # noqa: E731
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(images / "one.png")
+    for argv in (["train", "source", "--out", out, "--iters", "2", *TINY, "data.num_workers=4"],
+                 ["eval", "--checkpoint", out], ["predict", "--checkpoint", out, "--images", images, "--out", tmp_path / "p"]):
+        done = subprocess.run([sys.executable, "-m", "diga_fast.cli.main", *map(str, argv)], env=env, preexec_fn=pin,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "warn" not in done.stderr.lower(), done.stderr[-2000:]
+    assert "wrote predictions for 1 image to" in done.stdout

@@ -236,10 +236,20 @@ def test_eval_and_data_synth_use_the_training_val_size(tmp_path, capsys, trained
         sizes.append((kwargs["split"], kwargs.get("synthetic_images")))
         raise DigaError("stop here")
 
+    import shutil
+
+    import yaml
+
     monkeypatch.setattr(evaluation, "build_dataset", record)
-    run(capsys, "eval", "--checkpoint", trained)
+    run(capsys, "eval", "--checkpoint", trained)  # a run: its own sizes
     run(capsys, "eval", "--checkpoint", trained, "--split", "train")
-    assert sizes == [("val", DataConfig.synthetic_val_images), ("train", DataConfig.synthetic_train_images)]
+    data = yaml.safe_load((trained / "config.yaml").read_text())["data"]
+    bare = tmp_path / "model.safetensors"  # a weight file outside a run: the training defaults
+    shutil.copy(trained / "model.safetensors", bare)
+    run(capsys, "eval", "--checkpoint", bare)
+    run(capsys, "eval", "--checkpoint", bare, "--split", "train")
+    assert sizes == [("val", data["synthetic_val_images"]), ("train", data["synthetic_train_images"]),
+                     ("val", DataConfig.synthetic_val_images), ("train", DataConfig.synthetic_train_images)]
     _, help_text, _ = run(capsys, "data", "synth", "--help")
     assert f"default: {DataConfig.synthetic_val_images}" in " ".join(help_text.split())
 
@@ -282,4 +292,4 @@ def test_export_creates_the_folder_of_its_file(tmp_path, capsys, trained):
 
 def test_data_synth_shows_progress(tmp_path, capsys):
     code, _, err = run(capsys, "data", "synth", "--out", tmp_path / "pair", "--train-images", "2", "--val-images", "1")
-    assert code == 0 and "writing: 5/5" in err
+    assert code == 0 and "writing: 7/7" in err

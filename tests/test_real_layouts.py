@@ -17,20 +17,15 @@ FAST = ("data.batch_size=2", "data.num_workers=0", "data.crop=[48, 96]", "train.
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
-    """gta5/ and cityscapes/ from `diga data synth` (4 train, 2 val images) and a SYNTHIA copy of the
-    source, as a user would have them on disk."""
+    """gta5/, synthia/ and cityscapes/ from `diga data synth` (4 train, 2 val images), as a user would
+    have them on disk."""
     from diga_fast.cli.main import main
-    from diga_fast.labels import CITYSCAPES19
-    from diga_fast.data.layouts import write_synthia_layout
-    from diga_fast.data.synthetic import render_scene
 
     root = tmp_path_factory.mktemp("layouts")
     try:
         main(["data", "synth", "--out", str(root), "--train-images", "4", "--val-images", "2"])
     except SystemExit as stop:  # pragma: no cover
         assert not stop.code
-    write_synthia_layout(root / "synthia", [(f"{i:07d}", *render_scene("source", "train", i)) for i in range(4)],
-                         label_space=CITYSCAPES19)
     return root
 
 
@@ -155,3 +150,21 @@ def test_translated_image_of_another_aspect_ratio_is_refused(tmp_path, layouts):
         Image.new("RGB", (64, 64)).save(folder / f"{name}.png")
     with pytest.raises(DigaError, match="another aspect ratio"):
         TranslatedSource(gta5, folder)[0]
+
+
+def test_data_synth_real_sizes_writes_every_layout_at_the_real_datasets_sizes(tmp_path, capsys):
+    """`diga data synth --real-sizes`: GTA5 at 1914x1052, SYNTHIA at 1280x760 (16-bit labels), Cityscapes at
+    2048x1024, each read back by its loader with labels of the image's size."""
+    from diga_fast.data import build_dataset
+    from diga_fast.labels import CITYSCAPES19, SYNTHIA16
+
+    code, out, err = run(capsys, "data", "synth", "--out", tmp_path, "--train-images", "1", "--val-images", "1",
+                         "--real-sizes")
+    assert code == 0, err
+    for kind, split, space, size in (("gta5", "train", CITYSCAPES19, (1052, 1914)), ("synthia", "train", SYNTHIA16, (760, 1280)),
+                                     ("cityscapes", "val", CITYSCAPES19, (1024, 2048))):
+        dataset = build_dataset(f"{kind}:{tmp_path / kind}", role="source" if kind != "cityscapes" else "target",
+                                split=split, label_space=space, transform=None)
+        image, label = dataset.read(0)
+        assert image.shape == (*size, 3) and label.shape == size, kind
+        assert len(set(label.ravel().tolist()) - {255}) >= 3, kind  # a scene, not a blank

@@ -88,16 +88,60 @@ def test_paper_takes_the_official_switches_demo_keeps_its_own():
     assert synthia.data.batch_size == 4 and synthia.train.source_loss == "ohem"
 
 
-def test_self_training_inherits_the_init_runs_shared_fields():
-    from diga_fast.config import inherit_from_run
+def test_self_training_inherits_what_the_init_runs_command_set():
+    """Everything the warm-up's command changed from its preset (optimiser included), not its stage or
+    length; the self stage's own preset values stay where the warm-up kept its preset's."""
+    from diga_fast.config import inherit_run
 
     warmup = apply_overrides(preset_recipe("demo", "warmup"), ["translator.kind=cyclegan", "translator.checkpoint=/t",
-                                                                "data.crop=[64, 128]", "optim.lr=0.5"])
+                                                                "data.crop=[64, 128]", "optim.lr=0.5", "train.iters=7"])
     recipe = preset_recipe("demo", "self")
-    taken = inherit_from_run(recipe, warmup.to_dict())
-    assert recipe.translator.kind == "cyclegan" and recipe.data.crop == (64, 128)
-    assert recipe.optim.lr == preset_recipe("demo", "self").optim.lr  # not a shared field
-    assert "translator.kind=cyclegan" in taken and "data.crop=[64, 128]" in taken and not any("optim" in t for t in taken)
+    taken = inherit_run(recipe, warmup.to_dict())
+    assert recipe.translator.kind == "cyclegan" and recipe.data.crop == (64, 128) and recipe.optim.lr == 0.5
+    assert recipe.stage == "self" and recipe.train.iters == preset_recipe("demo", "self").train.iters
+    assert sorted(taken) == ["data.crop=[64, 128]", "optim.lr=0.5", "translator.checkpoint='/t'", "translator.kind='cyclegan'"]
+
+
+def _saved_run(folder, recipe):
+    folder.mkdir(parents=True)
+    save_yaml(recipe, folder / "config.yaml")
+    return str(folder)
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper-daformer"])
+def test_train_self_init_continues_the_warmup_runs_preset_and_recipe(tmp_path, capsys, preset):
+    """`diga train self --init WARMUP` with no --preset on a paper / paper-daformer warm-up: that preset's
+    self-training recipe (its optimiser, sampling, batch geometry), the warm-up's translator (the paper
+    check passes), and a line each for what was taken and what this command changed."""
+    from diga_fast.stages.recipes import resolve_recipe
+
+    source, target = "gta5:/data/gta5", "cityscapes:/data/cs"
+    warmup = apply_overrides(preset_recipe(preset, "warmup", source, target),
+                             ["translator.checkpoint=/runs/translator", "model.pretrained=/w/imagenet.pth"])
+    init = _saved_run(tmp_path / "warmup", warmup)
+    recipe = resolve_recipe("self", source=None, target=None, preset=None, config_file=None, arch=None, pretrained=None,
+                            iters=None, seed=None, bf16=None, resume=False, out="", overrides=("data.crop=[256, 256]",),
+                            init=init)
+    own = preset_recipe(preset, "self", source, target)
+    assert recipe.preset == preset and recipe.stage == "self" and recipe.optim == own.optim
+    assert recipe.model.arch == own.model.arch and recipe.data.rare_class_sampling == own.data.rare_class_sampling
+    assert recipe.data.source_sizes == own.data.source_sizes and recipe.data.batch_size == own.data.batch_size
+    assert recipe.translator.checkpoint == "/runs/translator" and recipe.data.crop == (256, 256)
+    assert (recipe.data.source, recipe.data.target) == (source, target)
+    err = capsys.readouterr().err
+    assert f"the {preset} recipe (its preset), with " in err and "translator.checkpoint='/runs/translator'" in err
+    assert "changed by this command: data.crop: " in err and "-> [256, 256]" in err
+
+
+def test_labelling_commands_check_only_what_they_use(tmp_path):
+    """pseudo-label / centroids on a paper warm-up run that names no translator: its recipe resolves
+    (the translator and ImageNet weights are the training's starting points, not labelling's)."""
+    from diga_fast.stages.recipes import labelling_recipe
+
+    warmup = preset_recipe("paper", "warmup", "gta5:/data/gta5", "cityscapes:/data/cs")
+    recipe = labelling_recipe(_saved_run(tmp_path / "warmup", warmup), None, None, None, None, ())
+    assert recipe.preset == "paper" and recipe.data.target == "cityscapes:/data/cs"
+    assert recipe.self_training.pseudo_label_scales == warmup.self_training.pseudo_label_scales
 
 
 def test_readme_fidelity_table_is_the_generated_one():

@@ -23,7 +23,14 @@ from PIL import Image
 from diga_fast.data import ACDC_CONDITIONS
 from diga_fast.labels import CITYSCAPES19, IGNORE_INDEX, LabelSpace
 from diga_fast.data.labels import MAPILLARY_MAX_ID, mapillary_rows, train_id_lut
-from diga_fast.data.layouts import _check, _cityscapes_palette, _save_rgb, write_cityscapes_layout, write_gta5_layout
+from diga_fast.data.layouts import (
+    _check,
+    _cityscapes_palette,
+    _save_rgb,
+    write_cityscapes_layout,
+    write_gta5_layout,
+    write_synthia_layout,
+)
 from diga_fast.errors import DigaError
 
 __all__ = [
@@ -175,16 +182,33 @@ def write_target_scene(root: str | os.PathLike, split: str, index: int, image: n
                                     label_space=label_space)
 
 
-BUILTIN_LAYOUTS = ("gta5", "cityscapes", "bdd100k", "mapillary", "acdc", "darkzurich", "folder")
+BUILTIN_LAYOUTS = ("gta5", "synthia", "cityscapes", "bdd100k", "mapillary", "acdc", "darkzurich", "folder")
+
+# (height, width) of the real datasets' images, for ``diga data synth --real-sizes``: GTA5's most common
+# size, SYNTHIA RAND_CITYSCAPES, Cityscapes (whose size every other target layout then takes).
+REAL_SIZES = {"gta5": (1052, 1914), "synthia": (760, 1280), "cityscapes": (1024, 2048)}
 
 
-def write_builtin_pair(root: Path, train_images: int, val_images: int, seed: int = 0, tick=None) -> None:
+def _scene(domain: str, split: str, index: int, seed: int, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """A built-in scene, at ``size`` when given: rendered at the built-in height with that aspect ratio and
+    enlarged (bilinear image, nearest label), as fast as the small scene."""
+    from diga_fast.data.synthetic import DEFAULT_SIZE, render_scene
+
+    if size is None:
+        return render_scene(domain, split, index, seed)
+    height = DEFAULT_SIZE[0]
+    image, label = render_scene(domain, split, index, seed, (height, round(height * size[1] / size[0])))
+    image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+    return image, np.asarray(Image.fromarray(label).resize(size[::-1], Image.NEAREST))
+
+
+def write_builtin_pair(root: Path, train_images: int, val_images: int, seed: int = 0, tick=None,
+                       real_sizes: bool = False) -> None:
     """The built-in pair in the real layouts: ``root/gta5`` (the source, GTA5's images/ and labels/ with
-    Cityscapes label ids), ``root/cityscapes`` (the target's train and val splits) and the target scenes
-    in every other layout of :data:`BUILTIN_LAYOUTS`. ``tick(n)`` after each of the 2·train + val scenes.
-    A folder that already holds one of the layouts is refused."""
-    from diga_fast.data.synthetic import render_scene
-
+    Cityscapes label ids), ``root/synthia`` (the same source scenes as SYNTHIA RAND_CITYSCAPES: RGB/ and
+    16-bit GT/LABELS/), ``root/cityscapes`` (the target's train and val splits) and the target scenes in
+    every other layout of :data:`BUILTIN_LAYOUTS`; with ``real_sizes``, at :data:`REAL_SIZES`. ``tick(n)``
+    after each of the 3·train + val scenes. A folder that already holds one of the layouts is refused."""
     taken = [name for name in BUILTIN_LAYOUTS if (root / name).exists()]
     if taken:
         raise DigaError(f"{root} already holds {', '.join(f'{name}/' for name in taken)}; choose an empty folder")
@@ -194,9 +218,9 @@ def write_builtin_pair(root: Path, train_images: int, val_images: int, seed: int
         raise DigaError(f"cannot create {root}: {err.strerror or err}") from None
     written = [0]
 
-    def scenes(domain: str, split: str, count: int):
+    def scenes(domain: str, split: str, count: int, layout: str):
         for index in range(count):
-            image, label = render_scene(domain, split, index, seed)
+            image, label = _scene(domain, split, index, seed, REAL_SIZES[layout] if real_sizes else None)
             if domain == "target":
                 write_target_scene(root, split, index, image, label)
             yield f"{index:05d}", image, label
@@ -205,9 +229,9 @@ def write_builtin_pair(root: Path, train_images: int, val_images: int, seed: int
                 tick(written[0])
 
     try:
-        write_gta5_layout(root / "gta5", scenes("source", "train", train_images))
-        write_cityscapes_layout(root / "cityscapes", "train", scenes("target", "train", train_images))
-        write_cityscapes_layout(root / "cityscapes", "val", scenes("target", "val", val_images))
+        write_gta5_layout(root / "gta5", scenes("source", "train", train_images, "gta5"))
+        write_synthia_layout(root / "synthia", scenes("source", "train", train_images, "synthia"), CITYSCAPES19)
+        write_cityscapes_layout(root / "cityscapes", "train", scenes("target", "train", train_images, "cityscapes"))
+        write_cityscapes_layout(root / "cityscapes", "val", scenes("target", "val", val_images, "cityscapes"))
     except OSError as err:
         raise DigaError(f"cannot write the pair into {root}: {err.strerror or err}") from None
-

@@ -23,6 +23,7 @@ transforms; those draws are per worker, not per sample, so they depend on the nu
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -133,8 +134,20 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
+def usable_workers(requested: int) -> int:
+    """``requested`` loader processes, at most one per CPU this process may run on (what DataLoader
+    warns beyond): a recipe's 4 on a 2-core machine is 2. The batches do not depend on the count
+    (every sample is seeded by its stream position)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(requested, cpus))
+
+
 def _data_loader(dataset: Dataset, batch_sampler: Sampler, num_workers: int, seed: int,
                  collate_fn: Callable | None) -> DataLoader:
+    num_workers = usable_workers(num_workers)
     return DataLoader(
         SeededSamples(dataset),
         batch_sampler=batch_sampler,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from diga_fast.data.loader import usable_workers
 from diga_fast.labels import IGNORE_INDEX
 from diga_fast.kernels import class_feature_sums
 from diga_fast.models import SegmentationModel
@@ -50,7 +51,7 @@ def initial_centroids(model: SegmentationModel, dataset: Dataset, device: torch.
     info = dist.current()
     shard = Subset(dataset, range(info.rank, len(dataset), info.world))
     done = 0
-    for batch in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
+    for batch in DataLoader(shard, batch_size=batch_size, num_workers=usable_workers(num_workers)):
         logits, features = model(batch["image"].to(device))
         batch_sums, batch_counts = class_feature_sums(features, agreement_labels(logits, None), model.num_classes)
         sums += batch_sums.sum(0).double()

@@ -16,12 +16,12 @@ from diga_fast.labels import CITYSCAPES19
 from diga_fast.models.io import load_translator_generator
 
 
-def write_pair(out: str | Path, train_images: int, val_images: int, seed: int = 0) -> list[Path]:
+def write_pair(out: str | Path, train_images: int, val_images: int, seed: int = 0, real_sizes: bool = False) -> list[Path]:
     """``diga data synth``: :func:`~diga_fast.data.domain_layouts.write_builtin_pair` with a progress bar;
-    returns the folders written, ``out/gta5`` and ``out/cityscapes`` first."""
+    returns the folders written, ``out/gta5``, ``out/synthia`` and ``out/cityscapes`` first."""
     root = Path(out)
-    with progress_bar(2 * train_images + val_images, "writing", unit="img") as tick:
-        write_builtin_pair(root, train_images, val_images, seed, tick)
+    with progress_bar(3 * train_images + val_images, "writing", unit="img") as tick:
+        write_builtin_pair(root, train_images, val_images, seed, tick, real_sizes)
     return [root / name for name in BUILTIN_LAYOUTS]
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from diga_fast.config import DataConfig
+from diga_fast.config import DataConfig, load_yaml
 from diga_fast.data import build_dataset, parse_dataset_spec
 from diga_fast.engine.device import resolve_device
-from diga_fast.engine.logging import progress_callback
+from diga_fast.engine.logging import console, progress_callback
 from diga_fast.errors import DigaError
 from diga_fast.inference import evaluate_datasets, evaluate_prediction_folder, predict_folder
 from diga_fast.labels import LabelSpace, get_label_space
@@ -44,16 +44,47 @@ def _check_classes(space: LabelSpace, num_classes: int, what: str) -> None:
         raise DigaError(f"--label-space {space.name} has {space.num_classes} classes, {what} predicts {num_classes}")
 
 
+def run_evaluation_settings(checkpoint: str | None) -> dict | None:
+    """How the run that ``checkpoint`` comes from (a run folder, its ``best/``, or a weight file in
+    either) evaluated: its ``data`` fields ``target``, ``eval_scales``, ``eval_max_images`` and
+    ``synthetic_*_images``; None without a run's config.yaml (a bare weight file)."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint)
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder, folder.parent):
+        if (candidate / "config.yaml").is_file() and (folder == candidate or folder.name == "best"):
+            data = load_yaml(candidate / "config.yaml").get("data")
+            return data if isinstance(data, dict) else None
+    return None
+
+
 def evaluate(checkpoint: str | None, onnx_path: str | None, pred_dir: str | None, targets: Sequence[str], split: str,
-             scales: Sequence[float], label_space: str | None, synthetic_images: int | None, max_images: int | None,
-             device: str | None) -> tuple[str, list[tuple[str, dict]]]:
+             scales: Sequence[float] | None, label_space: str | None, synthetic_images: int | None,
+             max_images: int | None, device: str | None) -> tuple[str, list[tuple[str, dict]]]:
     """``diga eval``: (what was evaluated, ``(target, summary)`` per target), one confusion matrix each.
-    Every target is opened first, so that a bad one stops before any evaluation runs."""
+    What is not given (targets, scales, image counts) is what the checkpoint's run evaluated with (said
+    on stderr), else the built-in val split at scale 1.0. Every target is opened first, so that a bad
+    one stops before any evaluation runs."""
     if sum(x is not None for x in (checkpoint, onnx_path, pred_dir)) != 1:
         raise DigaError("give exactly one of --checkpoint, --onnx or --pred-dir")
-    specs = [parse_dataset_spec(target) for target in targets]
+    run = run_evaluation_settings(checkpoint) or {}
+    taken = []
+    if not targets:
+        targets = (str(run.get("target", "synthetic")),)
+        taken += [f"--target {targets[0]}"] if run else []
+    if scales is None:
+        scales = tuple(run.get("eval_scales") or (1.0,))
+        taken += [f"--scales {','.join(map(str, scales))}"] if run else []
+    if max_images is None and run.get("eval_max_images"):
+        max_images = int(run["eval_max_images"])
+        taken.append(f"--max-images {max_images}")
     if synthetic_images is None:
-        synthetic_images = DataConfig.synthetic_train_images if split == "train" else DataConfig.synthetic_val_images
+        key = "synthetic_train_images" if split == "train" else "synthetic_val_images"
+        synthetic_images = int(run.get(key) or getattr(DataConfig, key))
+    if taken:
+        console.print(f"as {checkpoint}'s run evaluated: {' '.join(taken)}", highlight=False)
+    specs = [parse_dataset_spec(target) for target in targets]
     if pred_dir is not None:
         if len(specs) != 1 or specs[0].kind != "cityscapes":
             raise DigaError("--pred-dir evaluates against Cityscapes ground truth: one --target cityscapes:ROOT")

@@ -1,9 +1,10 @@
 """The recipe a command names: preset -> --config -> named options -> KEY=VALUE overrides (or, on
---resume, the run's own config.yaml), checked, with absolute paths; what self-training takes over from
-the run it starts from; and the self-training recipe of the labelling commands."""
+--resume, the run's own config.yaml), checked, with absolute paths; what a stage takes over from the run it
+starts from (self-training's --init); and the self-training recipe of the labelling commands."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -14,9 +15,10 @@ from diga_fast.config import (
     absolute_paths,
     apply_overrides,
     choose_network,
-    inherit_from_run,
+    inherit_run,
     load_yaml,
     preset_recipe,
+    recipe_changes,
     recipe_from_dict,
     validate_recipe,
 )
@@ -28,12 +30,15 @@ from diga_fast.errors import DigaError
 def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset: str | None,
                    config_file: str | None, arch: str | None, pretrained: str | None, iters: int | None,
                    seed: int | None, bf16: bool | None, resume: bool, out: str, overrides: tuple[str, ...],
-                   check: bool = True, restarted: bool = False) -> Recipe:
+                   check: bool = True, restarted: bool = False, init: str | None = None) -> Recipe:
     """Preset -> --config -> named options -> KEY=VALUE overrides; paths in it made absolute. On
     --resume the run's own config.yaml is the recipe: only --iters and overrides may change it, and
     any other recipe option is refused rather than silently ignored (``restarted``: a torchelastic
-    restart, whose command line is the first launch's, options and all). ``check=False`` skips the
-    checks (``diga recipe show`` prints a recipe that still lacks its weights or translator)."""
+    restart, whose command line is the first launch's, options and all). A stage started from another
+    run (``init``: self-training's --init, a labelling command's --checkpoint) starts from that run's
+    preset and everything its command set (:func:`init_recipe`), and says what it took and what this
+    command's options changed. ``check=False`` skips the checks (``diga recipe show`` prints a recipe
+    that still lacks its weights or translator)."""
     if resume and not restarted:
         ignored = [name for name, value in (("--source", source), ("--target", target), ("--preset", preset),
                                              ("--config", config_file), ("--model", arch), ("--pretrained", pretrained),
@@ -41,6 +46,7 @@ def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset
         if ignored:
             raise DigaError(f"--resume continues {out} with its own config.yaml; {', '.join(ignored)} cannot change it "
                             "(only --iters and KEY=VALUE overrides can)")
+    inherited = None
     if resume:
         run_dir = Path(out) if (Path(out) / "config.yaml").is_file() else Path(out) / "round_1"  # self --rounds
         saved = run_dir / "config.yaml"
@@ -52,12 +58,16 @@ def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset
                             f"(continue it with `diga train {values.get('stage')} --resume --out {out}`)")
         recipe = recipe_from_dict(values, base=preset_recipe(values.get("preset", "demo"), stage))
     else:
-        source, target = source or "synthetic", target or "synthetic"
-        source_spec, target_spec = parse_dataset_spec(source), parse_dataset_spec(target)
-        if preset is None:
-            preset = "demo" if source_spec.is_synthetic and target_spec.is_synthetic else (
-                "paper-daformer" if arch in DAFORMER_ARCHS else "paper")
-        recipe = preset_recipe(preset, stage, source, target)
+        inherited = init_recipe(init, stage, source, target, preset) if init is not None else None
+        if inherited is not None:
+            recipe = copy.deepcopy(inherited)
+        else:
+            source, target = source or "synthetic", target or "synthetic"
+            source_spec, target_spec = parse_dataset_spec(source), parse_dataset_spec(target)
+            if preset is None:
+                preset = "demo" if source_spec.is_synthetic and target_spec.is_synthetic else (
+                    "paper-daformer" if arch in DAFORMER_ARCHS else "paper")
+            recipe = preset_recipe(preset, stage, source, target)
         if config_file:
             recipe = recipe_from_dict(load_yaml(config_file), base=recipe)
             recipe.stage = stage
@@ -69,27 +79,40 @@ def resolve_recipe(stage: str, *, source: str | None, target: str | None, preset
     if iters is not None:
         recipe.train.iters = iters
     recipe = apply_overrides(recipe, overrides)
+    if inherited is not None and (changed := recipe_changes(inherited.to_dict(), recipe)):
+        console.print(f"changed by this command: {'; '.join(changed)}", highlight=False)
     return absolute_paths(validate_recipe(recipe) if check else recipe)
 
 
-def labelling_recipe(target: str | None, preset: str | None, config_file: str | None, seed: int | None,
-                     overrides: tuple[str, ...]) -> Recipe:
-    """The self-training recipe these options resolve to (its target, pair size, seed, scales)."""
-    return resolve_recipe("self", source="synthetic", target=target, preset=preset, config_file=config_file,
-                          arch=None, pretrained=None, iters=None, seed=seed, bf16=None, resume=False, out="",
-                          overrides=overrides)
-
-
-def inherit_init_recipe(recipe, init: str, overrides: tuple[str, ...]) -> None:
-    """Self-training continues the recipe of the run it starts from: the fields the stages share come
-    from --init's config.yaml (KEY=VALUE overrides still win), and what was taken is printed."""
+def init_recipe(init: str, stage: str, source: str | None, target: str | None, preset: str | None) -> Recipe | None:
+    """The ``stage`` recipe of a run started from the run ``init`` (a run folder, or a weight file in
+    one): the preset of ``init`` (or ``preset``) for this stage, with everything ``init``'s command set
+    (network, optimiser, sampling, translator, sizes, ...; not its stage and length), printed. None
+    when ``init`` has no config.yaml (a bare weight file)."""
     saved = Path(init) / "config.yaml" if Path(init).is_dir() else Path(init).parent / "config.yaml"
     if not saved.is_file():
-        return
-    taken = inherit_from_run(recipe, load_yaml(saved))
-    validate_recipe(apply_overrides(recipe, overrides))
-    if taken:
-        console.print(f"from {saved}: {', '.join(taken)}", highlight=False)
+        return None
+    values = load_yaml(saved)
+    data = values.get("data") if isinstance(values.get("data"), dict) else {}
+    chosen = preset or str(values.get("preset", "demo"))
+    recipe = preset_recipe(chosen, stage, source or str(data.get("source", "synthetic")),
+                           target or str(data.get("target", "synthetic")))
+    taken = inherit_run(recipe, values)
+    where = "--preset" if preset else "its preset"
+    console.print(f"from {saved}: the {chosen} recipe ({where})" + (f", with {', '.join(taken)}" if taken else ""),
+                  highlight=False)
+    return recipe
+
+
+def labelling_recipe(checkpoint: str, target: str | None, preset: str | None, config_file: str | None,
+                     seed: int | None, overrides: tuple[str, ...]) -> Recipe:
+    """The self-training recipe these options resolve to from the run of ``checkpoint`` (its target,
+    pair size, seed, scales), checked for what labelling uses: not the training's starting points
+    (ImageNet weights, translator)."""
+    recipe = resolve_recipe("self", source=None, target=target, preset=preset, config_file=config_file, arch=None,
+                            pretrained=None, iters=None, seed=seed, bf16=None, resume=False, out="",
+                            overrides=overrides, check=False, init=checkpoint)
+    return absolute_paths(validate_recipe(recipe, starting_points=False))
 
 
 def eval_targets_override(text: str) -> str:
