@@ -27,6 +27,7 @@ Default preset: ``paper`` on CUDA (deeplabv2_r101, 512x896 crops, 3 source + 3 t
 from __future__ import annotations
 
 import datetime as dt
+import math
 import statistics
 import tempfile
 import time
@@ -182,11 +183,12 @@ def _print(rows: list[dict]) -> None:
         table.add_column(phase, justify="right")
     for name in ("total", "vs (a)", "vs eager ref", "vs compiled ref", "peak MiB", "mem vs (a)"):
         table.add_column(name, justify="right")
+    def shown(value: float, form: str, unit: str = "") -> str:  # not measured (no compiled setup, no CUDA memory)
+        return "-" if math.isnan(value) else format(value, form) + unit
+
     for row in rows:
         table.add_row(row["setup"], *(f"{row[f'{p}_ms']:.1f}" for p in PHASES), f"{row['total_ms']:.1f}",
-                      f"{row['speedup_vs_a']:.2f}x", f"{row['speedup_vs_eager_ref']:.2f}x",
-                      f"{row['speedup_vs_compiled_ref']:.2f}x", f"{row['peak_mem_mib']:.0f}", f"{row['mem_vs_a']:.2f}")
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: do not cut the table at 80 columns
-        console = Console(width=200)
-    print_wide(console, table)
+                      shown(row["speedup_vs_a"], ".2f", "x"), shown(row["speedup_vs_eager_ref"], ".2f", "x"),
+                      shown(row["speedup_vs_compiled_ref"], ".2f", "x"), shown(row["peak_mem_mib"], ".0f"),
+                      shown(row["mem_vs_a"], ".2f"))
+    print_wide(Console(), table)  # whole in logs and pipes too
