@@ -15,7 +15,7 @@ demo:   the demo preset's choices against the official recipe (the fidelity issu
         translator` on the built-in pair (official), and round 1 with one pooled or the grouped
         (official) student forwards, from each seed's eval-mode warm-up.
 
-``--set KEY=VALUE ...`` adds recipe overrides to every run (the tables in the README measured before
+``--set KEY=VALUE ...`` adds recipe overrides to every run (the tables of docs/results.md measured before
 the demo's current schedule name theirs). ``--jobs N`` runs N runs at a time (each demo run uses one CPU thread: ``train.threads``); a run
 starts once the run it starts from has finished.
 """

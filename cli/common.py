@@ -37,6 +37,9 @@ def training_options(command):
         click.option("--bf16/--no-bf16", default=None, help="bf16 autocast (fp32 master weights and losses)."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its state.pt."),
         FORCE,
+        click.option("--dry-run", is_flag=True, help="Check every input and print the plan (stages, iterations, epochs, crops) "
+                                                     "with the peak memory and time per iteration of a short measured run "
+                                                     "on --device; writes nothing to --out."),
         _OVERRIDES,
     ])
 

@@ -24,8 +24,9 @@ def _register() -> None:
     from diga_fast.cli.recipe import recipe
     from diga_fast.cli.export import export
     from diga_fast.cli.train import train
+    from diga_fast.cli.weights import weights
 
-    for command in (train, pseudo_label, centroids, eval_command, predict, export, data, demo, bench, recipe):
+    for command in (train, pseudo_label, centroids, eval_command, predict, export, data, demo, bench, recipe, weights):
         cli.add_command(command)
 
 

@@ -1,5 +1,5 @@
 """``diga recipe show`` (the resolved recipe of a preset) and ``diga recipe table`` (the fidelity table
-of the ``paper`` preset against the official code, as in the README)."""
+of the ``paper`` preset against the official code, as in docs/fidelity.md)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def show(stage, source, target, preset, config_file, seed, device, overrides) ->
 
 @recipe.command("table")
 def table() -> None:
-    """The README's fidelity table (Markdown): every element of method.md, official code vs presets."""
+    """The fidelity table of docs/fidelity.md (Markdown): every element of method.md, official code vs presets."""
     from diga_fast.fidelity import fidelity_table
 
     click.echo(fidelity_table(), nl=False)

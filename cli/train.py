@@ -56,6 +56,27 @@ def _resume_or_restart(out: str, resume: bool) -> tuple[bool, bool]:
     return resume or restarted, restarted
 
 
+def _start(stage: str, recipe, out: str, device: str, resume: bool, force: bool, dry_run: bool, train) -> dict | None:
+    """Check --out, then train (the stage's summary), or with --dry-run print the plan (None)."""
+    if not dry_run:
+        check_out_folder(out, stage, resume, force)
+        return train(recipe, out, device=device, resume=resume)
+    from diga_fast.stages.plan import dry_run as plan
+
+    if force:
+        note = f"{out}: --force would replace what is there"
+    else:
+        check_out_folder(out, stage, resume, False)
+        note = f"{out}: {'resumed' if resume else 'a new run'}"
+    rows = [*plan(stage, recipe, device, train), ("--out", note)]
+    console = _console()
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        console.print(f"{name:<{width}}  {value}", highlight=False, soft_wrap=True)
+    console.print("dry run: nothing was trained or written to --out", highlight=False)
+    return None
+
+
 def _print_summary(summary: dict, title: str) -> None:
     """The target's per-class table, then the generalisation table when the run evaluated more datasets."""
 
@@ -73,7 +94,7 @@ def train() -> None:
 @training_options
 @_EVAL_TARGETS
 @_SELECT_ON_VAL
-def train_source_command(out, device, resume, force, **options) -> None:
+def train_source_command(out, device, resume, force, dry_run, **options) -> None:
     """Supervised training on --source (the source-only baseline); evaluates on --target val.
 
     The oracle on the built-in pair: --source synthetic:target (trains on the target's labels)."""
@@ -81,8 +102,9 @@ def train_source_command(out, device, resume, force, **options) -> None:
 
     resume, restarted = _resume_or_restart(out, resume)
     recipe = resolve_recipe("source", out=out, resume=resume, restarted=restarted, **_fold_flags(options))
-    check_out_folder(out, "source", resume, force)
-    summary = train_source(recipe, out, device=device, resume=resume)
+    summary = _start("source", recipe, out, device, resume, force, dry_run, train_source)
+    if summary is None:
+        return
     _print_summary(summary, f"target val ({recipe.data.target}) after {recipe.train.iters} iterations")
     _console().print(f"run folder: {out}")
 
@@ -91,7 +113,7 @@ def train_source_command(out, device, resume, force, **options) -> None:
 @training_options
 @_EVAL_TARGETS
 @_SELECT_ON_VAL
-def train_warmup_command(out, device, resume, force, **options) -> None:
+def train_warmup_command(out, device, resume, force, dry_run, **options) -> None:
     """DiGA stage 1: CE on the source + two-way distillation between the clean and the CrDoMix
     view with an EMA teacher (source data only; the target feeds the FDA translator).
 
@@ -101,15 +123,16 @@ def train_warmup_command(out, device, resume, force, **options) -> None:
 
     resume, restarted = _resume_or_restart(out, resume)
     recipe = resolve_recipe("warmup", out=out, resume=resume, restarted=restarted, **_fold_flags(options))
-    check_out_folder(out, "warmup", resume, force)
-    summary = train_warmup(recipe, out, device=device, resume=resume)
+    summary = _start("warmup", recipe, out, device, resume, force, dry_run, train_warmup)
+    if summary is None:
+        return
     _print_summary(summary, f"student on target val ({recipe.data.target}) after {recipe.train.iters} warm-up iterations")
     _console().print(f"run folder: {out}")
 
 
 @train.command("translator")
 @translator_training_options
-def train_translator_command(out, device, resume, force, **options) -> None:
+def train_translator_command(out, device, resume, force, dry_run, **options) -> None:
     """Train the source->target image translator (Stage 0, CycleGAN-style) on --source/--target.
 
     The perceptual term needs a local torchvision VGG state dict: translator.vgg_weights=FILE.
@@ -118,8 +141,9 @@ def train_translator_command(out, device, resume, force, **options) -> None:
 
     resume, restarted = _resume_or_restart(out, resume)
     recipe = resolve_recipe("translator", out=out, resume=resume, restarted=restarted, arch=None, pretrained=None, **options)
-    check_out_folder(out, "translator", resume, force)
-    summary = train_translator(recipe, out, device=device, resume=resume)
+    summary = _start("translator", recipe, out, device, resume, force, dry_run, train_translator)
+    if summary is None:
+        return
     console = _console()
     console.print(f"translator saved: {summary['translator']} ({summary['iters']} iterations, "
                   f"perceptual loss {'on' if summary['perceptual'] else 'off'})", highlight=False)
@@ -132,7 +156,7 @@ def train_translator_command(out, device, resume, force, **options) -> None:
 @training_options
 @_EVAL_TARGETS
 @_SELECT_ON_VAL
-def train_self_command(init, rounds, out, device, resume, force, **options) -> None:
+def train_self_command(init, rounds, out, device, resume, force, dry_run, **options) -> None:
     """DiGA stage 2: threshold-free bilateral-consensus self-training from a warm-up student.
 
     Probability labels and initial centroids are made from --init unless
@@ -142,7 +166,9 @@ def train_self_command(init, rounds, out, device, resume, force, **options) -> N
 
     resume, restarted = _resume_or_restart(out, resume)
     recipe = resolve_recipe("self", out=out, resume=resume, restarted=restarted, init=init, **_fold_flags(options))
-    check_out_folder(out, "self", resume, force)
-    summary = train_self_rounds(recipe, out, init, rounds=rounds, device=device, resume=resume)
+    summary = _start("self", recipe, out, device, resume, force, dry_run,
+                     lambda recipe, out, **kw: train_self_rounds(recipe, out, init, rounds=rounds, **kw))
+    if summary is None:
+        return
     _print_summary(summary, f"student on target val ({recipe.data.target}) after self-training")
     _console().print(f"run folder: {out}")

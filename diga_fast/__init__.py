@@ -1,5 +1,5 @@
 """diga-fast: DiGA (CVPR 2023) domain-adaptive semantic segmentation. Layout and the direction of
-imports: README.md ("Layout")."""
+imports: docs/layout.md."""
 
 from pathlib import Path
 

@@ -290,20 +290,20 @@ def preset_recipe(preset: str, stage: str, source: str = "synthetic", target: st
             recipe.data.batch_size, recipe.train.iters = 2, 50_000
         if _kind(source) == "cityscapes" and _kind(target) in ADVERSE_TARGETS:
             _daformer_sizes(recipe)
-    else:  # demo: `diga demo` (every stage) in under five minutes on a 2-vCPU VM (README, "diga demo")
+    else:  # demo: `diga demo` (every stage) in under five minutes on a 2-vCPU VM (README, "Results on the built-in pair")
         recipe.train.iters = DEMO_ITERS[stage]
         recipe.train.threads = 1  # see TrainConfig.threads
         recipe.data.batch_size = 4
         recipe.data.synthetic_train_images = 300
         # lr 0.05 (head x10: 0.5) trains source-only, but with the warm-up's second loss term the small
-        # model's rare classes collapse on some seeds (seed 1: 14.6 mIoU against 29.8 at 0.025; README)
+        # model's rare classes collapse on some seeds (seed 1: 14.6 mIoU against 29.8 at 0.025; docs/results.md)
         recipe.optim.lr = 0.025
         # The EMA horizon 1/(1 - alpha) as a share of the run: the paper's 0.999 is 1000 of 80k
         # iterations; 0.9 is 10 of the demo's 300 (0.99 would average a third of the warm-up, from its
         # random start: 2-4 points lower on seeds 0 and 1)
         recipe.warmup.ema_max = 0.9
         # The official teacher (train mode) and student forwards (grouped): measured on 3 seeds against
-        # the alternatives, both scored higher on average, by less than the seed spread (README)
+        # the alternatives, both scored higher on average, by less than the seed spread (docs/results.md)
         recipe.warmup.teacher_mode = "train"
         recipe.self_training.forward = "grouped"
     return recipe
@@ -370,7 +370,7 @@ def use_network(recipe: Recipe, arch: str) -> Recipe:
     """``--model ARCH``: the network; on the ``demo`` preset a DAFormer network also gets DAFormer's
     optimiser (AdamW; SGD at the small CNN's LR does not suit a transformer), at 10x DAFormer's LR and
     a 50-iteration warm-up for runs of a few hundred iterations from random weights, and DAFormer's
-    batch of 2 (at the demo's crops its forward and backward take ~30x the small model's on a CPU; README)."""
+    batch of 2 (at the demo's crops its forward and backward take ~30x the small model's on a CPU; docs/daformer.md)."""
     recipe.model.arch = arch
     if recipe.preset == "demo" and arch in DAFORMER_ARCHS:
         recipe.optim = daformer_optim(lr=6e-4, warmup_iters=50)
@@ -679,11 +679,20 @@ def run_changes(saved: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in _flat(_to_plain(saved)).items() if key in defaults and value != defaults[key]}
 
 
+# Fields that only make sense together (the rows of the per-size batches add up to the batch): one
+# set by the saved run's command brings the others of its group along.
+TAKEN_TOGETHER = (("data.batch_size", "data.source_sizes", "data.target_sizes"),)
+
+
 def inherit_run(recipe: Recipe, saved: dict[str, Any]) -> list[str]:
     """Take into ``recipe`` (in place; built from the saved run's preset for its own stage) everything
-    the saved run's command set (:func:`run_changes`) but :data:`NOT_INHERITED`; returns ``key=value``
-    for each field taken."""
+    the saved run's command set (:func:`run_changes`) but :data:`NOT_INHERITED`, with the rest of its
+    :data:`TAKEN_TOGETHER` group; returns ``key=value`` for each field taken."""
     taken = {key: value for key, value in run_changes(saved).items() if key not in NOT_INHERITED}
+    flat = _flat(_to_plain(saved))
+    for group in TAKEN_TOGETHER:
+        if any(key in taken for key in group):
+            taken.update({key: flat[key] for key in group if key in flat})
     nested: dict[str, Any] = {}
     for key, value in taken.items():
         *parents, name = key.split(".")

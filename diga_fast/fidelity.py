@@ -1,6 +1,6 @@
 """How the ``paper`` preset compares with the official DiGA code (``diga-official-code.md``), element by
-element, and where each value of ``paper-daformer`` comes from (DAFormer or DiGA): the README's fidelity
-table is generated from here (``diga recipe table``), from the presets themselves, so it cannot drift: a test fails when a ``paper`` field changes and the README does not.
+element, and where each value of ``paper-daformer`` comes from (DAFormer or DiGA): the fidelity
+table of docs/fidelity.md is generated from here (``diga recipe table``), from the presets themselves, so it cannot drift: a test fails when a ``paper`` field changes and the page does not.
 
 Each row: the element, what the official code does, a function giving the value of a preset (of the
 stage the element belongs to), and whether the ``paper`` value is the official one. Rows whose official

@@ -263,3 +263,26 @@ def test_an_ordinary_run_prints_no_warning(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         assert "warn" not in done.stderr.lower(), done.stderr[-2000:]
     assert "wrote predictions for 1 image to" in done.stdout
+
+
+def test_dry_run_checks_inputs_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """`diga train source --dry-run`: the inputs with their image counts, what would run, the measured
+    peak memory and time per iteration; --out stays absent. On a machine whose memory the measured step
+    would not fit (here: reported as 100 MiB), one line refuses it."""
+    import diga_fast.stages.plan as plan
+
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", "source", "--out", out, "--dry-run", *TINY)
+    assert code == 0, err
+    text = " ".join(stdout.split())
+    for fragment in ("source train synthetic: 8 images", "target val synthetic: 3 labelled images",
+                     "iterations 300", "batch 2 per process x 1 process(es) = 2", "source epochs 75.0 (8 images",
+                     "peak memory", "GiB per process", "time per iteration", "s on cpu", "nothing was trained"):
+        assert fragment in text, fragment
+    assert not out.exists()
+    monkeypatch.setattr(plan, "_memory_total", lambda: 100 * 2**20)
+    code, _, err = run(capsys, "train", "source", "--out", out, "--dry-run", *TINY)
+    assert_one_line_error(code, err, "does not fit: one source step at these sizes peaked at", "lower data.batch_size")
+    assert not out.exists()
+    code, _, err = run(capsys, "train", "source", "--out", out, "--dry-run", *TINY, "data.source=gta5:/nonexistent")
+    assert code == 2 and "/nonexistent" in err and not out.exists()

@@ -81,7 +81,7 @@ def test_paper_takes_the_official_switches_demo_keeps_its_own():
     paper = preset_recipe("paper", "self", source="gta5:/x")
     assert (paper.train.ce_normalizer, paper.warmup.teacher_mode, paper.self_training.forward,
             paper.self_training.source_beta, paper.self_training.feat_upsample) == ("all", "train", "grouped", 0.3, "scores")
-    demo = preset_recipe("demo", "self")  # the official teacher mode and forwards (measured: README), its own rest
+    demo = preset_recipe("demo", "self")  # the official teacher mode and forwards (measured: docs/results.md), its own rest
     assert (demo.train.ce_normalizer, demo.warmup.teacher_mode, demo.self_training.forward,
             demo.self_training.source_beta, demo.self_training.feat_upsample) == ("valid", "train", "grouped", None, "nearest")
     synthia = preset_recipe("paper", "warmup", source="synthia:/x")
@@ -145,12 +145,12 @@ def test_labelling_commands_check_only_what_they_use(tmp_path):
 
 
 def test_readme_fidelity_table_is_the_generated_one():
-    """Change a `paper` field and this fails until the README's table is regenerated (`diga recipe table`)."""
+    """Change a `paper` field and this fails until docs/fidelity.md's table is regenerated (`diga recipe table`)."""
     from pathlib import Path
 
     from diga_fast.fidelity import fidelity_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "fidelity.md").read_text()
     begin, end = "<!-- fidelity-table:begin -->\n", "<!-- fidelity-table:end -->"
     assert readme[readme.index(begin) + len(begin):readme.index(end)] == fidelity_table()
 
@@ -202,3 +202,17 @@ def test_train_kernels_choices_and_older_true_false():
     assert recipe_from_dict({"train": {"kernels": True}}).train.kernels == "auto"
     with pytest.raises(DigaError, match="train.kernels"):
         validate_recipe(apply_overrides(Recipe(), ["train.kernels=inductor"]))
+
+
+def test_a_warmup_batch_change_brings_its_size_rows_along():
+    """A SYNTHIA warm-up run with data.batch_size=2 (its preset: 4, no per-size target rows) continued by
+    self-training (its preset: 3, with rows adding up to 3): the batch and both size lists come from the
+    run together, so the self-training recipe checks."""
+    from diga_fast.config import inherit_run, validate_recipe
+
+    warmup = apply_overrides(preset_recipe("paper", "warmup", "synthia:/s", "cityscapes:/c"),
+                             ["data.batch_size=2", "data.source_sizes=null"])
+    recipe = preset_recipe("paper", "self", "synthia:/s", "cityscapes:/c")
+    inherit_run(recipe, warmup.to_dict())
+    assert (recipe.data.batch_size, recipe.data.source_sizes, recipe.data.target_sizes) == (2, None, None)
+    validate_recipe(recipe, starting_points=False)

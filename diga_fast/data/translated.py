@@ -82,7 +82,7 @@ class TranslatedSource(Dataset):
             label = new_label
         item["image"], item["translated"] = _to_tensor(image), _to_tensor(translated)
         if label is not None:
-            item["label"] = torch.from_numpy(np.ascontiguousarray(label)).long()
+            item["label"] = torch.from_numpy(np.array(label, dtype=np.int64))  # a copy: the read may be read-only
         return item
 
     def _aligned(self, translated: np.ndarray, size: tuple[int, int], index: int) -> np.ndarray:

@@ -244,6 +244,51 @@ def _count_blocks(keys: object, layer: str) -> int:
     return len({k.split(".")[1] for k in keys if isinstance(k, str) and k.startswith(layer + ".")})
 
 
+RESNET_DEPTHS = {6: 50, 23: 101}  # layer3 blocks -> depth
+
+
+def resnet_layout(state: dict[str, torch.Tensor]) -> str | None:
+    """Which published ResNet layout a state dict has: ``"deeplab"`` (the official DeepLab init, every key
+    under ``Scale.``), ``"torchvision"`` (``conv1.weight``, ``layer1.*``, ...), or None."""
+    if all(k.startswith("Scale.") for k in state):
+        return "deeplab"
+    if "conv1.weight" in state and any(k.startswith("layer1.") for k in state):
+        return "torchvision"
+    return None
+
+
+def backbone_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ResNet file's tensors under this backbone's names: the DeepLab init loses its ``Scale.`` prefix
+    and its ``layer5`` head, torchvision's ImageNet ``fc`` is dropped."""
+    if resnet_layout(state) == "deeplab":
+        state = {k[len("Scale."):]: v for k, v in state.items() if not k.startswith("Scale.layer5.")}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def resnet_depth(backbone: dict[str, torch.Tensor]) -> int | None:
+    """50 or 101 from the layer3 blocks of :func:`backbone_tensors`, or None for another net."""
+    return RESNET_DEPTHS.get(_count_blocks(backbone, "layer3"))
+
+
+def backbone_state_dict(model: DeepLabV2) -> dict[str, torch.Tensor]:
+    """The model's backbone entries (what a pretrained file fills)."""
+    return {k: v for k, v in model.state_dict().items() if k.split(".")[0] in BACKBONE_MODULES}
+
+
+def check_backbone_tensors(model: DeepLabV2, backbone: dict[str, torch.Tensor], path: Path) -> None:
+    """:func:`backbone_tensors` of ``path`` cover ``model``'s backbone exactly, or one DigaError line."""
+
+    def problem(detail: str) -> DigaError:
+        found = _count_blocks(backbone, "layer3")
+        hint = ""
+        if found != BLOCKS[model.depth][2]:
+            kind = {6: "ResNet-50", 23: "ResNet-101"}.get(found, f"a net with {found} layer3 blocks")
+            hint = f" (the file looks like {kind}; {model.arch} needs ResNet-{model.depth})"
+        return DigaError(f"{path} does not fit {model.arch}{hint}: {detail}")
+
+    check_state_dict(backbone, backbone_state_dict(model), problem, optional=("num_batches_tracked",))
+
+
 def load_backbone_weights(model: DeepLabV2, path: str | Path) -> None:
     """Load a local torchvision-named ResNet state dict into ``model``'s backbone, strictly."""
     path = Path(path)
@@ -257,27 +302,16 @@ def load_backbone_weights(model: DeepLabV2, path: str | Path) -> None:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise DigaError(f"{path} is not a ResNet state dict (expected a dict of name -> tensor)")
-    torchvision = not all(k.startswith("Scale.") for k in state)
-    if not torchvision:  # the Caffe-converted DeepLab checkpoint: reads Caffe BGR input as this model does
-        state = {k[len("Scale."):]: v for k, v in state.items() if not k.startswith("Scale.layer5.")}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-
-    expected = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in BACKBONE_MODULES}
-
-    def problem(detail: str) -> DigaError:
-        found = _count_blocks(state, "layer3")
-        hint = ""
-        if found != BLOCKS[model.depth][2]:
-            kind = {6: "ResNet-50", 23: "ResNet-101"}.get(found, f"a net with {found} layer3 blocks")
-            hint = f" (the file looks like {kind}; {model.arch} needs ResNet-{model.depth})"
-        return DigaError(f"{path} does not fit {model.arch}{hint}: {detail}")
-
-    check_state_dict(state, expected, problem, optional=("num_batches_tracked",))
+    # Anything but the DeepLab init is read as torchvision's (check_backbone_tensors names what is off);
+    # the Caffe-converted DeepLab checkpoint reads Caffe BGR input as this model does.
+    torchvision = resnet_layout(state) != "deeplab"
+    state = backbone_tensors(state)
+    check_backbone_tensors(model, state, path)
 
     if torchvision:
         state = fold_torchvision_input(state)
     with torch.no_grad():
-        for key, tensor in expected.items():
+        for key, tensor in backbone_state_dict(model).items():
             if key in state:
                 tensor.copy_(state[key])
 

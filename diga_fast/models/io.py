@@ -62,8 +62,8 @@ def _read_header(path: Path, what: str) -> dict[str, str]:
         raise DigaError(f"{path} is not a {what} (safetensors): {_first_line(err)}") from None
 
 
-def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` with one clear line on any mismatch."""
+def check_fits(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``state`` has exactly ``module``'s keys with its shapes, or one clear line naming the first miss."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -77,6 +77,11 @@ def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], source
                 f"{source} does not fit the model: {key!r} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(own[key].shape)}"
             )
+
+
+def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` with one clear line on any mismatch."""
+    check_fits(module, state, source)
     module.load_state_dict(state)
 
 
@@ -162,6 +167,17 @@ def save_translator(path: str | Path, generator: ImageTranslator, recipe_digest:
     translator_weights(generator, recipe_digest).write(path)
 
 
+def read_translator_header(path: Path) -> tuple[int, int]:
+    """(width, n_res) from a translator checkpoint's header, checked."""
+    metadata = _read_header(path, "translator checkpoint")
+    if metadata.get("format") != TRANSLATOR_FORMAT or metadata.get("kind") != "cyclegan":
+        raise DigaError(f"{path} is not a translator checkpoint (no {TRANSLATOR_FORMAT} cyclegan metadata)")
+    try:
+        return int(metadata["width"]), int(metadata["n_res"])
+    except (KeyError, ValueError):
+        raise DigaError(f"{path}: translator metadata lacks a valid width / n_res") from None
+
+
 def load_translator_generator(path: str | Path, device: str | torch.device | None = None) -> ImageTranslator:
     """The source->target generator (enc_s + dec_s2t) from ``diga train translator``: a run folder
     or its ``translator.safetensors``. Frozen, in eval mode, on ``device`` (default CPU)."""
@@ -172,17 +188,24 @@ def load_translator_generator(path: str | Path, device: str | torch.device | Non
         path = path / TRANSLATOR_FILE
     elif not path.is_file():
         raise DigaError(f"translator checkpoint not found: {path}")
-    metadata = _read_header(path, "translator checkpoint")
-    if metadata.get("format") != TRANSLATOR_FORMAT or metadata.get("kind") != "cyclegan":
-        raise DigaError(f"{path} is not a translator checkpoint (no {TRANSLATOR_FORMAT} cyclegan metadata)")
-    try:
-        width, n_res = int(metadata["width"]), int(metadata["n_res"])
-    except (KeyError, ValueError):
-        raise DigaError(f"{path}: translator metadata lacks a valid width / n_res") from None
+    width, n_res = read_translator_header(path)
     generator = ImageTranslator(width, n_res)
     load_state_checked(generator, load_file(str(path)), str(path))
     generator.requires_grad_(False)
     return generator.eval().to(device or "cpu")
+
+
+VGG_VARIANTS = {13: "vgg16", 16: "vgg19"}  # conv layers in ``features`` -> torchvision's name
+
+
+def vgg_features(state: dict) -> dict:
+    """The ``features.*`` entries of a torchvision VGG state dict (its ``classifier.*`` is not used)."""
+    return {k: v for k, v in state.items() if isinstance(k, str) and k.startswith("features.")}
+
+
+def vgg_conv_count(features: dict) -> int:
+    """How many conv layers :func:`vgg_features` holds (13: vgg16, 16: vgg19; see :data:`VGG_VARIANTS`)."""
+    return sum(1 for k in features if k.endswith(".weight"))
 
 
 def load_vgg_features(path: str | Path) -> VGGFeatures:
@@ -199,9 +222,9 @@ def load_vgg_features(path: str | Path) -> VGGFeatures:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise DigaError(f"translator.vgg_weights: {path} does not hold a state dict")
-    features = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith("features.")}
-    convs = sum(1 for k in features if k.endswith(".weight"))
-    variant = {13: "vgg16", 16: "vgg19"}.get(convs)
+    features = vgg_features(state)
+    convs = vgg_conv_count(features)
+    variant = VGG_VARIANTS.get(convs)
     if variant is None:
         raise DigaError(
             f"translator.vgg_weights: {path} is not a torchvision vgg16/vgg19 state dict "

@@ -55,6 +55,14 @@ _BLOCK_RULES = (
     (r"\.mlp\.dense1\.", ".mlp.fc1."),
     (r"\.mlp\.dense2\.", ".mlp.fc2."),
 )
+# (first-key prefix, layout name, rules): how each published layout is recognised and renamed.
+_LAYOUTS = (
+    ("patch_embed1.", "SegFormer release", ()),
+    ("encoder.patch_embeddings.", "Hugging Face SegformerModel", _HUB_RULES),
+    ("stages.0.patch_embeddings.", "Hugging Face SegformerModel (transformers >= 5)", _MEMORY_RULES),
+)
+RELEASE_LAYOUT = _LAYOUTS[0][1]
+WRAPPERS = ("state_dict", "model")  # keys a file may wrap its state dict in, outermost first
 _IGNORED_PREFIXES = ("head.", "classifier.", "decode_head.")
 RELEASE_EXAMPLE = "patch_embed1.proj.weight, block1.0.attn.q.weight, ..."
 HF_EXAMPLE = "[segformer.]encoder.patch_embeddings.0.proj.weight, ..."
@@ -69,14 +77,29 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a text file, a truncated download, a pickle of other objects
         raise DigaError(f"{path} is not a state dict of tensors ({torch_load_error(exc)})") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
+    state, _ = unwrap_state_dict(state)
     if not isinstance(state, dict) or not state or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise DigaError(f"{path} is not a state dict (expected a dict of name -> tensor)")
     return state
+
+
+def unwrap_state_dict(state: object) -> tuple[object, tuple[str, ...]]:
+    """``state`` out of its :data:`WRAPPERS` (``{"state_dict": ...}``, ``{"model": ...}``), and the ones removed."""
+    removed = []
+    for wrapper in WRAPPERS:
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            removed.append(wrapper)
+    return state, tuple(removed)
+
+
+def mit_layout(state: dict[str, torch.Tensor]) -> str | None:
+    """The published MiT layout of a state dict (``"SegFormer release"``, ``"Hugging Face SegformerModel"``,
+    ...), or None; keys may carry the ``segformer.`` prefix."""
+    keys = [k.removeprefix("segformer.") for k in state]
+    return next((name for prefix, name, _ in _LAYOUTS if any(k.startswith(prefix) for k in keys)), None)
 
 
 def _apply(rules, key: str) -> str:
@@ -88,15 +111,11 @@ def _apply(rules, key: str) -> str:
 def to_release_layout(state: dict[str, torch.Tensor], source: str) -> tuple[str, dict[str, torch.Tensor]]:
     """(layout name, the encoder's tensors under the release's names) for a file of any known layout."""
     stripped = {k.removeprefix("segformer."): v for k, v in state.items()}
-    if any(k.startswith("patch_embed1.") for k in stripped):
-        layout, rules = "SegFormer release", ()
-    elif any(k.startswith("encoder.patch_embeddings.") for k in stripped):
-        layout, rules = "Hugging Face SegformerModel", _HUB_RULES
-    elif any(k.startswith("stages.0.patch_embeddings.") for k in stripped):
-        layout, rules = "Hugging Face SegformerModel (transformers >= 5)", _MEMORY_RULES
-    else:
+    layout = mit_layout(state)
+    if layout is None:
         raise DigaError(f"{source} is neither a SegFormer release MiT file ({RELEASE_EXAMPLE}) nor a Hugging Face "
                         f"SegformerModel state dict ({HF_EXAMPLE}); first key: {next(iter(state))!r}")
+    rules = next(rules for _, name, rules in _LAYOUTS if name == layout)
     mapped: dict[str, torch.Tensor] = {}
     for key, tensor in stripped.items():
         if key.startswith(_IGNORED_PREFIXES):
@@ -109,14 +128,37 @@ def to_release_layout(state: dict[str, torch.Tensor], source: str) -> tuple[str,
     return layout, mapped
 
 
-def describe_mit(state: dict[str, torch.Tensor]) -> str:
-    """Which MiT size a release-layout state dict holds ("MiT-b2"), or its widths and depths."""
+def _widths_and_depths(state: dict[str, torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     widths = tuple(state[f"norm{i}.weight"].shape[0] for i in range(1, 5) if f"norm{i}.weight" in state)
     depths = tuple(len({k.split(".")[1] for k in state if k.startswith(f"block{i}.")}) for i in range(1, 5))
-    for name, config in MIT_CONFIGS.items():
-        if widths == config.embed_dims and depths == config.depths:
-            return f"MiT-{name}"
+    return widths, depths
+
+
+def mit_variant(state: dict[str, torch.Tensor]) -> str | None:
+    """The MiT size (a :data:`MIT_CONFIGS` key, ``"b2"``) of a release-layout state dict, or None."""
+    widths, depths = _widths_and_depths(state)
+    return next((name for name, config in MIT_CONFIGS.items()
+                 if widths == config.embed_dims and depths == config.depths), None)
+
+
+def describe_mit(state: dict[str, torch.Tensor]) -> str:
+    """Which MiT size a release-layout state dict holds ("MiT-b2"), or its widths and depths."""
+    variant = mit_variant(state)
+    if variant is not None:
+        return f"MiT-{variant}"
+    widths, depths = _widths_and_depths(state)
     return f"a MiT with widths {widths} and depths {depths}"
+
+
+def check_mit_state(encoder: nn.Module, state: dict[str, torch.Tensor], path: Path, layout: str) -> None:
+    """A release-layout ``state`` (read from ``path`` in ``layout``) covers ``encoder`` exactly, or one
+    DigaError line that says which MiT size the file holds."""
+    mine = next(name for name, config in MIT_CONFIGS.items() if config == encoder.config)
+
+    def problem(detail: str) -> DigaError:
+        return DigaError(f"{path} ({layout} layout, {describe_mit(state)}) does not fit the MiT-{mine} encoder: {detail}")
+
+    check_state_dict(state, encoder.state_dict(), problem)
 
 
 def load_mit_weights(encoder: nn.Module, path: str | Path) -> str:
@@ -124,14 +166,8 @@ def load_mit_weights(encoder: nn.Module, path: str | Path) -> str:
     layout it was read as."""
     path = Path(path)
     layout, state = to_release_layout(read_state_dict(path), str(path))
-    expected = encoder.state_dict()
-    mine = next(name for name, config in MIT_CONFIGS.items() if config == encoder.config)
-
-    def problem(detail: str) -> DigaError:
-        return DigaError(f"{path} ({layout} layout, {describe_mit(state)}) does not fit the MiT-{mine} encoder: {detail}")
-
-    check_state_dict(state, expected, problem)
+    check_mit_state(encoder, state, path, layout)
     with torch.no_grad():
-        for key, tensor in expected.items():
+        for key, tensor in encoder.state_dict().items():
             tensor.copy_(state[key])
     return layout
